@@ -1,0 +1,1 @@
+"""SQL shipped with tenantstore, importable as `tenantstore.sql` for importlib.resources."""

@@ -1,0 +1,3 @@
+-- Drop the tenants table (the runner refuses while it holds rows, unless confirmed).
+-- tenantstore: drops tenants
+DROP TABLE IF EXISTS tenants;

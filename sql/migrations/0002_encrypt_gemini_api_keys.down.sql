@@ -1,0 +1,3 @@
+-- Decrypt every tenants.gemini_api_key back to plaintext (a rollback: this
+-- stores secrets in plaintext again). Needs the key that encrypted them.
+-- tenantstore: data-step decrypt_secrets

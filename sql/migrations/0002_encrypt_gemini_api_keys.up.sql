@@ -1,0 +1,4 @@
+-- Encrypt every plaintext tenants.gemini_api_key with ENCRYPTION_KEY.
+-- A data step: tenantstore's batch runner does it in keyset batches with a
+-- compare-and-swap per batch, so it is safe under live traffic and on rerun.
+-- tenantstore: data-step encrypt_secrets

@@ -1,0 +1,92 @@
+-- name: create_migrations_table
+-- The schema tracking table: one row per applied migration.
+CREATE TABLE IF NOT EXISTS tenantstore_migrations (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    checksum text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: create_runs_table
+-- One row per batch run of encrypt/decrypt/rotate/verify, so `status` can tell an interrupted one.
+CREATE TABLE IF NOT EXISTS tenantstore_secret_runs (
+    run_id bigserial PRIMARY KEY,
+    operation text NOT NULL,
+    status text NOT NULL DEFAULT 'running',
+    backend_pid integer,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    rows_done bigint NOT NULL DEFAULT 0,
+    report jsonb
+);
+
+-- name: try_lock
+-- Take the migration runner's session-level advisory lock without waiting.
+SELECT pg_try_advisory_lock($1::bigint);
+
+-- name: lock
+-- Wait for the migration runner's session-level advisory lock.
+SELECT pg_advisory_lock($1::bigint);
+
+-- name: unlock
+-- Release the migration runner's advisory lock.
+SELECT pg_advisory_unlock($1::bigint);
+
+-- name: applied_migrations
+-- Every applied migration, oldest first.
+SELECT version, name, checksum, applied_at
+FROM tenantstore_migrations
+ORDER BY version;
+
+-- name: record_migration
+-- Mark a migration applied.
+INSERT INTO tenantstore_migrations (version, name, checksum)
+VALUES ($1, $2, $3);
+
+-- name: forget_migration
+-- Mark a migration reverted.
+DELETE FROM tenantstore_migrations
+WHERE version = $1;
+
+-- name: table_exists
+-- Whether a table of this name is visible on the search path.
+SELECT to_regclass($1) IS NOT NULL;
+
+-- name: table_row_count
+-- How many rows the table named $1 holds (0 when it does not exist); checked before a drop.
+-- query_to_xml runs the count with the name quoted by regclass, so $1 stays a parameter.
+SELECT CASE
+    WHEN to_regclass($1) IS NULL THEN 0
+    ELSE (xpath(
+        '/row/n/text()',
+        query_to_xml(format('SELECT count(*) AS n FROM %s', to_regclass($1)), false, true, '')
+    ))[1]::text::bigint
+END;
+
+-- name: start_run
+-- Record the start of a secrets batch run.
+INSERT INTO tenantstore_secret_runs (operation, backend_pid)
+VALUES ($1, pg_backend_pid())
+RETURNING run_id;
+
+-- name: touch_run
+-- Record progress and the current backend of a run (it changes after a reconnect).
+UPDATE tenantstore_secret_runs
+SET rows_done = $2, backend_pid = pg_backend_pid()
+WHERE run_id = $1;
+
+-- name: finish_run
+-- Record the end of a run: completed or failed.
+UPDATE tenantstore_secret_runs
+SET status = $2, rows_done = $3, report = $4::jsonb, finished_at = now()
+WHERE run_id = $1;
+
+-- name: last_runs
+-- The latest run of each operation, and whether a 'running' one has lost its backend.
+SELECT DISTINCT ON (operation)
+    operation, status, started_at, finished_at, rows_done, report::text AS report,
+    status = 'running' AND NOT EXISTS (
+        SELECT 1 FROM pg_stat_activity AS a WHERE a.pid = r.backend_pid
+    ) AS interrupted
+FROM tenantstore_secret_runs AS r
+ORDER BY operation, run_id DESC;

@@ -1,0 +1,59 @@
+"""tenantstore: per-tenant secrets for asyncio services, encrypted at rest in PostgreSQL.
+
+pool = await tenantstore.create_pool()
+repo = tenantstore.TenantRepository(pool, tenantstore.KeyRing.from_env())
+tenant = await repo.get_tenant("acme")
+tenant.gemini_api_key.get_secret_value()
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .db import create_pool
+from .encryption import KeyRing
+from .errors import (
+    ConfigurationError,
+    DatabaseError,
+    DecryptionError,
+    DestructiveMigrationError,
+    EncryptionKeyMissingError,
+    InvalidEncryptionKeyError,
+    InvalidTenantIdError,
+    MigrationChecksumError,
+    MigrationError,
+    PlaintextSecretError,
+    SqlFileError,
+    TenantDecryptionError,
+    TenantExistsError,
+    TenantNotFoundError,
+    TenantStoreError,
+)
+from .models import Tenant
+from .repository import TenantRepository
+
+try:
+    __version__ = version("tenantstore")
+except PackageNotFoundError:  # pragma: no cover - running from an uninstalled checkout
+    __version__ = "0.0.0"
+
+__all__ = [
+    "ConfigurationError",
+    "DatabaseError",
+    "DecryptionError",
+    "DestructiveMigrationError",
+    "EncryptionKeyMissingError",
+    "InvalidEncryptionKeyError",
+    "InvalidTenantIdError",
+    "KeyRing",
+    "MigrationChecksumError",
+    "MigrationError",
+    "PlaintextSecretError",
+    "SqlFileError",
+    "Tenant",
+    "TenantDecryptionError",
+    "TenantExistsError",
+    "TenantNotFoundError",
+    "TenantRepository",
+    "TenantStoreError",
+    "__version__",
+    "create_pool",
+]

@@ -1,0 +1,75 @@
+"""Settings from the process environment and dotenv files.
+
+Only the `from_env()` constructors elsewhere call into this module; nothing
+here is cached at import time. The process environment always wins over a
+file, and a missing file is simply empty.
+
+Settings read: `DATABASE_URL` (from `.env`), `ENCRYPTION_KEY` and
+`OLD_ENCRYPTION_KEY` (from `.env.secrets`, or `.env`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from .errors import ConfigurationError
+
+__all__ = ["DEFAULT_ENV_FILES", "load_settings", "parse_env_text", "read_env_file"]
+
+DEFAULT_ENV_FILES: tuple[str, ...] = (".env", ".env.secrets")
+
+
+def parse_env_text(text: str, *, source: str = "<string>") -> dict[str, str]:
+    """Parse dotenv text: `KEY=VALUE` lines, `#` comments, optional `export` and quotes.
+
+    Raises:
+        ConfigurationError: a line is not `KEY=VALUE`; the message names the
+            source and line number but never echoes the line, which may hold a key.
+    """
+    values: dict[str, str] = {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        name, sep, value = line.partition("=")
+        name = name.strip()
+        if not sep or not name.replace("_", "").isalnum():
+            raise ConfigurationError(f"malformed line (expected KEY=VALUE) at {source}:{lineno}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[name] = value
+    return values
+
+
+def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Read one dotenv file; a file that does not exist yields no settings."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    return parse_env_text(text, source=str(file))
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    env_files: Iterable[str | os.PathLike[str]] = DEFAULT_ENV_FILES,
+) -> dict[str, str]:
+    """Merge dotenv files (later files win) under the environment (which wins over all).
+
+    Args:
+        environ: the process environment; `None` means `os.environ`.
+        env_files: dotenv files to read, in increasing priority.
+    """
+    merged: dict[str, str] = {}
+    for path in env_files:
+        merged.update(read_env_file(path))
+    merged.update(os.environ if environ is None else environ)
+    return merged

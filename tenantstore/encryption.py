@@ -1,0 +1,264 @@
+"""Fernet encryption of tenant secrets: a pure, synchronous key ring.
+
+`KeyRing` holds the primary key (used for every new token) and any previous
+keys (accepted for decryption only, until rotation has moved every token to
+the primary). Tokens are standard Fernet tokens, so a database written by any
+other Fernet-based system is readable as it is, and ours by theirs.
+
+The synchronous methods do CPU work and no I/O. `encrypt_many` and
+`decrypt_many` are the only async methods: each moves a whole list into one
+anyio worker-thread call, because a thread hop costs ~15x the crypto of one
+API key.
+
+The module functions (`encrypt_api_key`, `decrypt_api_key`, `is_encrypted`,
+`generate_encryption_key`) keep the seed application's calling convention.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
+
+import anyio.to_thread
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from .config import load_settings
+from .errors import DecryptionError, EncryptionKeyMissingError, InvalidEncryptionKeyError
+
+__all__ = [
+    "KeyRing",
+    "decrypt_api_key",
+    "encrypt_api_key",
+    "generate_encryption_key",
+    "is_encrypted",
+]
+
+_S = TypeVar("_S", str, str | None)  # batches keep None in, None out
+
+ENCRYPTION_KEY = "ENCRYPTION_KEY"
+OLD_ENCRYPTION_KEY = "OLD_ENCRYPTION_KEY"
+
+# A Fernet token is urlsafe-base64 of: version 0x80 | timestamp (8) | IV (16)
+# | AES-CBC ciphertext (a positive multiple of 16) | HMAC-SHA256 (32).
+_TOKEN_OVERHEAD = 1 + 8 + 16 + 32
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_-]+={0,2}")
+_KEY_CHARS = re.compile(r"[A-Za-z0-9_-]{43}=")
+
+
+def _load_key(key: object, setting: str) -> Fernet:
+    """Build a Fernet from a 44-character key, naming `setting` (never the key) on error."""
+    if not isinstance(key, str) or not _KEY_CHARS.fullmatch(key.strip()):
+        raise InvalidEncryptionKeyError(setting)
+    try:
+        return Fernet(key.strip())
+    except (ValueError, binascii.Error) as exc:
+        raise InvalidEncryptionKeyError(setting) from exc
+
+
+def is_encrypted(value: object) -> bool:
+    """Tell whether `value` is structurally a Fernet token, without any key.
+
+    True for a str of url-safe base64 that decodes to version byte 0x80 and a
+    valid Fernet length. Plain API keys (`AIza...`) never qualify: they do not
+    decode to 0x80 and are far too short.
+    """
+    if not isinstance(value, str) or len(value) % 4 or len(value) < 100:
+        return False
+    if not _TOKEN_CHARS.fullmatch(value):
+        return False
+    try:
+        raw = base64.urlsafe_b64decode(value)
+    except (binascii.Error, ValueError):
+        return False
+    body = len(raw) - _TOKEN_OVERHEAD
+    return raw[0] == 0x80 and body >= 16 and body % 16 == 0
+
+
+class KeyRing:
+    """A primary Fernet key plus previous keys still accepted for decryption.
+
+    Args:
+        primary: the key new tokens are made with (44 url-safe base64 chars).
+        previous: older keys, tried in order after the primary when decrypting.
+
+    Raises:
+        InvalidEncryptionKeyError: a key is malformed; the message names
+            `ENCRYPTION_KEY` or `OLD_ENCRYPTION_KEY[i]`, never the key.
+    """
+
+    __slots__ = ("_all", "_previous", "_primary")
+
+    def __init__(self, primary: str, previous: Iterable[str] = ()) -> None:
+        if isinstance(previous, str):
+            previous = [previous]
+        self._primary = _load_key(primary, ENCRYPTION_KEY)
+        self._previous = tuple(
+            _load_key(key, f"{OLD_ENCRYPTION_KEY}[{index}]") for index, key in enumerate(previous)
+        )
+        self._all = MultiFernet([self._primary, *self._previous])
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        env_file: str | os.PathLike[str] | None = ".env.secrets",
+    ) -> KeyRing:
+        """Build a key ring from `ENCRYPTION_KEY` and `OLD_ENCRYPTION_KEY` (comma-separated).
+
+        The environment (`os.environ` when `environ` is None) wins over `env_file`.
+
+        Raises:
+            EncryptionKeyMissingError: `ENCRYPTION_KEY` is unset or empty.
+            InvalidEncryptionKeyError: a key is malformed.
+        """
+        settings = load_settings(environ, [] if env_file is None else [env_file])
+        primary = settings.get(ENCRYPTION_KEY, "").strip()
+        if not primary:
+            raise EncryptionKeyMissingError(ENCRYPTION_KEY)
+        old = settings.get(OLD_ENCRYPTION_KEY, "")
+        return cls(primary, [key.strip() for key in old.split(",") if key.strip()])
+
+    def __repr__(self) -> str:
+        return f"<KeyRing primary=*** previous={len(self._previous)}>"
+
+    @property
+    def previous_count(self) -> int:
+        """How many previous keys this ring accepts for decryption."""
+        return len(self._previous)
+
+    # -- single values -------------------------------------------------------
+
+    def encrypt(self, plaintext: str) -> str:
+        """Encrypt `plaintext` under the primary key and return the ASCII token."""
+        return self._primary.encrypt(plaintext.encode("utf-8")).decode("ascii")
+
+    def encrypt_at_time(self, plaintext: str, current_time: int) -> str:
+        """Like `encrypt`, with the token's timestamp pinned (for tests and vectors)."""
+        token = self._primary.encrypt_at_time(plaintext.encode("utf-8"), current_time)
+        return token.decode("ascii")
+
+    def decrypt(self, token: str) -> str:
+        """Decrypt `token` with the primary key, then each previous key.
+
+        Raises:
+            DecryptionError: the token is corrupt or made under none of the keys.
+        """
+        try:
+            return self._all.decrypt(token.encode("ascii")).decode("utf-8")
+        except (InvalidToken, UnicodeError, TypeError, AttributeError) as exc:
+            raise DecryptionError() from exc
+
+    def decrypt_with_key_index(self, token: str) -> tuple[str, int]:
+        """Decrypt `token` and say which key did: 0 for the primary, i + 1 for previous[i].
+
+        Raises:
+            DecryptionError: no configured key decrypts the token.
+        """
+        try:
+            data = token.encode("ascii")
+        except (UnicodeError, AttributeError) as exc:
+            raise DecryptionError() from exc
+        for index, fernet in enumerate((self._primary, *self._previous)):
+            try:
+                return fernet.decrypt(data).decode("utf-8"), index
+            except (InvalidToken, UnicodeError):
+                continue
+        raise DecryptionError()
+
+    def key_index(self, token: str) -> int:
+        """Return which key decrypts `token`: 0 for the primary, i + 1 for previous[i].
+
+        Raises:
+            DecryptionError: no configured key decrypts the token.
+        """
+        return self.decrypt_with_key_index(token)[1]
+
+    def needs_rotation(self, token: str) -> bool:
+        """True when `token` decrypts only under a previous key.
+
+        Raises:
+            DecryptionError: no configured key decrypts the token.
+        """
+        return self.key_index(token) > 0
+
+    def rotate(self, token: str) -> str:
+        """Re-encrypt `token` under the primary key.
+
+        Raises:
+            DecryptionError: no configured key decrypts the token.
+        """
+        return self.encrypt(self.decrypt(token))
+
+    # -- batches -------------------------------------------------------------
+
+    def encrypt_batch(self, values: Sequence[_S]) -> list[_S]:
+        """Encrypt each value; `None` and `""` pass through unchanged."""
+        encrypt = self._primary.encrypt
+        return [encrypt(v.encode("utf-8")).decode("ascii") if v else v for v in values]
+
+    def decrypt_batch(self, values: Sequence[_S]) -> list[_S]:
+        """Decrypt each token; `None` and `""` pass through unchanged.
+
+        Raises:
+            DecryptionError: any token fails (use `try_decrypt_batch` to keep going).
+        """
+        return [self.decrypt(v) if v else v for v in values]
+
+    def try_decrypt_batch(self, tokens: Sequence[str]) -> list[str | None]:
+        """Decrypt each token, giving `None` for one that no key decrypts."""
+        decrypt = self._all.decrypt
+        out: list[str | None] = []
+        for token in tokens:
+            try:
+                out.append(decrypt(token.encode("ascii")).decode("utf-8"))
+            except (InvalidToken, UnicodeError):
+                out.append(None)
+        return out
+
+    async def encrypt_many(self, values: Sequence[_S]) -> list[_S]:
+        """Encrypt a list in one worker-thread call; `None` and `""` pass through."""
+        return await anyio.to_thread.run_sync(self.encrypt_batch, list(values))
+
+    async def decrypt_many(self, values: Sequence[_S]) -> list[_S]:
+        """Decrypt a list in one worker-thread call; `None` and `""` pass through.
+
+        Raises:
+            DecryptionError: any token fails.
+        """
+        return await anyio.to_thread.run_sync(self.decrypt_batch, list(values))
+
+
+def generate_encryption_key() -> str:
+    """Return a new random Fernet key (44 url-safe base64 characters)."""
+    return Fernet.generate_key().decode("ascii")
+
+
+def _ring_from_environment() -> KeyRing:
+    return KeyRing.from_env()
+
+
+def encrypt_api_key(plaintext: str | None) -> str | None:
+    """Encrypt with the key ring from the environment; `None` and `""` pass through.
+
+    Raises:
+        EncryptionKeyMissingError: `ENCRYPTION_KEY` is not set.
+    """
+    if not plaintext:
+        return plaintext
+    return _ring_from_environment().encrypt(plaintext)
+
+
+def decrypt_api_key(ciphertext: str | None) -> str | None:
+    """Decrypt with the key ring from the environment; `None` and `""` pass through.
+
+    Raises:
+        EncryptionKeyMissingError: `ENCRYPTION_KEY` is not set.
+        DecryptionError: the token is corrupt or made under another key.
+    """
+    if not ciphertext:
+        return ciphertext
+    return _ring_from_environment().decrypt(ciphertext)

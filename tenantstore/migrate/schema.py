@@ -1,0 +1,311 @@
+"""The schema runner: apply and revert numbered migrations, report status.
+
+`upgrade` and `downgrade` hold a PostgreSQL session-level advisory lock for
+the whole run, on one connection taken from the pool and kept until the lock
+is released explicitly. (A lock taken through `pool.fetchval` would be lost at
+once: the pool's release resets the session with `pg_advisory_unlock_all()`.
+A transaction-level lock would keep a transaction open and block `CREATE
+INDEX CONCURRENTLY`.) A second runner started meanwhile waits, then finds
+nothing left to do. The pool therefore needs at least two connections when a
+data step runs: one holds the lock, the batch runner uses another.
+
+Each SQL migration runs in its own transaction together with its tracking
+row, so a failure leaves nothing half-applied.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import asyncpg
+from typing_extensions import Unpack
+
+from ..db import AnyConnection
+from ..encryption import KeyRing
+from ..errors import (
+    DestructiveMigrationError,
+    EncryptionKeyMissingError,
+    MigrationChecksumError,
+    MigrationError,
+)
+from ._tracking import TRACK, ensure_tracking_tables
+from .files import Migration, Step, load_migrations
+from .secrets import RunOptions, SecretsReport, decrypt_secrets, encrypt_secrets
+
+__all__ = [
+    "LOCK_ID",
+    "AppliedMigration",
+    "MigrationReport",
+    "StatusReport",
+    "downgrade",
+    "migration_status",
+    "upgrade",
+]
+
+logger = logging.getLogger("tenantstore")
+
+LOCK_ID = 0x74656E616E7473  # "tenants" in ASCII: the advisory lock key of the schema runner
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedMigration:
+    """A row of the tracking table."""
+
+    version: int
+    name: str
+    checksum: str
+    applied_at: datetime
+
+
+@dataclass
+class MigrationReport:
+    """What `upgrade` or `downgrade` did: labels of the steps run, and data-step reports."""
+
+    direction: str
+    applied: list[str] = field(default_factory=list)
+    data: list[SecretsReport] = field(default_factory=list)
+    version: int = 0
+
+    def summary(self) -> str:
+        """The line the CLI ends with: a data step's summary, else what happened."""
+        if self.data:
+            return self.data[-1].summary()
+        if not self.applied:
+            return f"Nothing to do: schema is at version {self.version}"
+        verb = "Applied" if self.direction == "up" else "Reverted"
+        return f"{verb} {', '.join(self.applied)}; schema is at version {self.version}"
+
+
+@dataclass
+class StatusReport:
+    """Applied and pending migrations, the latest batch run of each operation, and counts.
+
+    `counts` is a verify report, filled in by the CLI when a key ring is available.
+    """
+
+    applied: list[AppliedMigration]
+    pending: list[str]
+    changed: list[str]
+    unknown: list[int]
+    runs: list[dict[str, object]]
+    counts: SecretsReport | None = None
+
+    @property
+    def version(self) -> int:
+        """The highest applied version (0 for none)."""
+        return max((m.version for m in self.applied), default=0)
+
+
+async def _applied(conn: AnyConnection) -> list[AppliedMigration]:
+    await ensure_tracking_tables(conn)
+    rows = await conn.fetch(TRACK["applied_migrations"])
+    return [AppliedMigration(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+def _check_checksums(migrations: Sequence[Migration], applied: Sequence[AppliedMigration]) -> None:
+    by_version = {m.version: m for m in migrations}
+    for row in applied:
+        known = by_version.get(row.version)
+        if known is None:
+            raise MigrationError(
+                f"the database has migration {row.version:04d}_{row.name}, which this "
+                "tenantstore does not know: upgrade tenantstore first"
+            )
+        if known.checksum != row.checksum:
+            raise MigrationChecksumError(known.up.filename)
+
+
+async def _run_sql(conn: AnyConnection, step: Step, record: str, *args: object) -> None:
+    """Run a step's SQL and its tracking statement: atomically unless `no-transaction`."""
+    if step.transactional:
+        async with conn.transaction():
+            await conn.execute(step.sql)
+            await conn.execute(record, *args)
+    else:
+        await conn.execute(step.sql)
+        await conn.execute(record, *args)
+
+
+async def _locked(conn: AnyConnection) -> None:
+    if not await conn.fetchval(TRACK["try_lock"], LOCK_ID):
+        logger.info("Another migration runner holds the lock; waiting for it")
+        await conn.fetchval(TRACK["lock"], LOCK_ID)
+
+
+async def upgrade(
+    pool: asyncpg.Pool,
+    keyring: KeyRing | None = None,
+    *,
+    target: int | None = None,
+    **options: Unpack[RunOptions],
+) -> MigrationReport:
+    """Apply pending migrations up to `target` (default: all), data steps included.
+
+    Args:
+        pool: the database (at least two connections when a data step runs).
+        keyring: needed when a pending migration is a data step.
+        target: the version to stop at.
+        **options: passed to the batch runner of a data step (see `RunOptions`).
+
+    Raises:
+        EncryptionKeyMissingError: a data step is pending and no key ring was
+            given; checked before anything is applied.
+        MigrationChecksumError: an applied file has changed.
+        MigrationError: a step failed; earlier steps stay applied, it does not.
+    """
+    migrations = load_migrations()
+    report = MigrationReport("up")
+    async with pool.acquire() as conn:
+        await _locked(conn)
+        try:
+            applied = await _applied(conn)
+            _check_checksums(migrations, applied)
+            done = {row.version for row in applied}
+            pending = [
+                m
+                for m in migrations
+                if m.version not in done and (target is None or m.version <= target)
+            ]
+            if keyring is None and any(m.up.data_step for m in pending):
+                raise EncryptionKeyMissingError()
+            for migration in pending:
+                await _apply(conn, pool, keyring, migration, report, options)
+            report.version = max(done | {m.version for m in pending}, default=0)
+        finally:
+            await conn.fetchval(TRACK["unlock"], LOCK_ID)
+    return report
+
+
+async def _apply(
+    conn: AnyConnection,
+    pool: asyncpg.Pool,
+    keyring: KeyRing | None,
+    migration: Migration,
+    report: MigrationReport,
+    options: RunOptions,
+) -> None:
+    logger.info("Applying %s", migration.label)
+    record = (TRACK["record_migration"], migration.version, migration.name, migration.checksum)
+    if migration.up.data_step:
+        assert keyring is not None
+        data = await encrypt_secrets(pool, keyring, **options)
+        report.data.append(data)
+        if data.failed_tenant_ids:
+            raise MigrationError(f"{migration.label}: {data.summary()}")
+        await conn.execute(*record)
+    else:
+        try:
+            await _run_sql(conn, migration.up, *record)
+        except asyncpg.PostgresError as exc:
+            raise MigrationError(f"{migration.up.filename} failed: {exc}") from exc
+    report.applied.append(migration.label)
+
+
+async def downgrade(
+    pool: asyncpg.Pool,
+    keyring: KeyRing | None = None,
+    *,
+    steps: int = 1,
+    confirm: bool = False,
+    **options: Unpack[RunOptions],
+) -> MigrationReport:
+    """Revert the latest `steps` applied migrations, newest first.
+
+    Args:
+        confirm: allow a step that drops a table holding rows.
+
+    Raises:
+        DestructiveMigrationError: a step would drop a table with rows and
+            `confirm` is False; checked before anything is reverted.
+        EncryptionKeyMissingError: a decrypting data step needs a key ring.
+        MigrationError: a step has no down file, or failed.
+    """
+    if steps < 1:
+        raise MigrationError("steps is expected to be at least 1")
+    by_version = {m.version: m for m in load_migrations()}
+    report = MigrationReport("down")
+    async with pool.acquire() as conn:
+        await _locked(conn)
+        try:
+            applied = await _applied(conn)
+            _check_checksums(list(by_version.values()), applied)
+            chosen = [by_version[row.version] for row in reversed(applied)][:steps]
+            await _check_down(conn, chosen, keyring, confirm=confirm)
+            for migration in chosen:
+                await _revert(conn, pool, keyring, migration, report, options)
+            remaining = {row.version for row in applied} - {m.version for m in chosen}
+            report.version = max(remaining, default=0)
+        finally:
+            await conn.fetchval(TRACK["unlock"], LOCK_ID)
+    return report
+
+
+async def _check_down(
+    conn: AnyConnection,
+    chosen: Sequence[Migration],
+    keyring: KeyRing | None,
+    *,
+    confirm: bool,
+) -> None:
+    for migration in chosen:
+        down = migration.down
+        if down is None:
+            raise MigrationError(f"{migration.label} has no down file: it cannot be reverted")
+        if down.data_step and keyring is None:
+            raise EncryptionKeyMissingError()
+        for table in down.drops:
+            rows = await conn.fetchval(TRACK["table_row_count"], table)
+            if rows and not confirm:
+                raise DestructiveMigrationError(down.filename, table, rows)
+
+
+async def _revert(
+    conn: AnyConnection,
+    pool: asyncpg.Pool,
+    keyring: KeyRing | None,
+    migration: Migration,
+    report: MigrationReport,
+    options: RunOptions,
+) -> None:
+    down = migration.down
+    assert down is not None
+    logger.info("Reverting %s", migration.label)
+    forget = (TRACK["forget_migration"], migration.version)
+    if down.data_step:
+        assert keyring is not None
+        logger.warning("Decrypting every secret: they will be stored in PLAINTEXT")
+        data = await decrypt_secrets(pool, keyring, **options)
+        report.data.append(data)
+        if data.failed_tenant_ids:
+            raise MigrationError(f"{migration.label}: {data.summary()}")
+        await conn.execute(*forget)
+    else:
+        try:
+            await _run_sql(conn, down, *forget)
+        except asyncpg.PostgresError as exc:
+            raise MigrationError(f"{down.filename} failed: {exc}") from exc
+    report.applied.append(migration.label)
+
+
+async def migration_status(pool: asyncpg.Pool) -> StatusReport:
+    """Applied, pending, changed and unknown migrations, and the latest batch runs."""
+    migrations = load_migrations()
+    async with pool.acquire() as conn:
+        applied = await _applied(conn)
+        runs = [dict(row) for row in await conn.fetch(TRACK["last_runs"])]
+    by_version = {m.version: m for m in migrations}
+    done = {row.version for row in applied}
+    return StatusReport(
+        applied=applied,
+        pending=[m.label for m in migrations if m.version not in done],
+        changed=[
+            by_version[row.version].up.filename
+            for row in applied
+            if row.version in by_version and by_version[row.version].checksum != row.checksum
+        ],
+        unknown=[row.version for row in applied if row.version not in by_version],
+        runs=runs,
+    )

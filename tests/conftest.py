@@ -1,0 +1,99 @@
+"""Shared fixtures: a real PostgreSQL for the session, a fresh database per test.
+
+The server is the embedded one from `pgserver` in a temporary directory, or
+the one at `TENANTSTORE_TEST_DATABASE_URL` (its role needs CREATEDB).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from cryptography.fernet import Fernet
+
+from tenantstore import KeyRing
+
+_CLEARED_SETTINGS = ("DATABASE_URL", "ENCRYPTION_KEY", "OLD_ENCRYPTION_KEY")
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Keep the developer's settings and dotenv files out of every test."""
+    for name in _CLEARED_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def with_database(url: str, database: str) -> str:
+    """Return `url` pointing at another database on the same server."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of the session's PostgreSQL server (maintenance database)."""
+    external = os.environ.get("TENANTSTORE_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("pg") / "pgdata", cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+async def database_url(server_url: str) -> AsyncIterator[str]:
+    """A fresh, empty database for this test; dropped afterwards."""
+    name = f"ts_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield with_database(server_url, name)
+    finally:
+        admin = await asyncpg.connect(server_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """An asyncpg pool on the test's fresh database."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10)
+    assert pool is not None
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+def key() -> str:
+    """A fresh primary key."""
+    return Fernet.generate_key().decode()
+
+
+@pytest.fixture
+def old_key() -> str:
+    """A fresh key playing the previous one."""
+    return Fernet.generate_key().decode()
+
+
+@pytest.fixture
+def keyring(key: str) -> KeyRing:
+    """A key ring with only the primary key."""
+    return KeyRing(key)
