@@ -52,15 +52,24 @@ WHERE version = $1;
 -- Whether a table of this name is visible on the search path.
 SELECT to_regclass($1) IS NOT NULL;
 
+-- name: create_row_counter
+-- A session-local helper that counts the rows of a table given by name; the
+-- name is resolved and quoted by regclass, so callers pass it as a parameter.
+CREATE OR REPLACE FUNCTION pg_temp.tenantstore_row_count(target regclass)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    EXECUTE format('SELECT count(*) FROM %s', target) INTO n;
+    RETURN n;
+END
+$$;
+
 -- name: table_row_count
 -- How many rows the table named $1 holds (0 when it does not exist); checked before a drop.
--- query_to_xml runs the count with the name quoted by regclass, so $1 stays a parameter.
 SELECT CASE
     WHEN to_regclass($1) IS NULL THEN 0
-    ELSE (xpath(
-        '/row/n/text()',
-        query_to_xml(format('SELECT count(*) AS n FROM %s', to_regclass($1)), false, true, '')
-    ))[1]::text::bigint
+    ELSE pg_temp.tenantstore_row_count(to_regclass($1))
 END;
 
 -- name: start_run

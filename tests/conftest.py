@@ -7,6 +7,8 @@ the one at `TENANTSTORE_TEST_DATABASE_URL` (its role needs CREATEDB).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -36,19 +38,23 @@ def with_database(url: str, database: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_url() -> Iterator[str]:
     """URL of the session's PostgreSQL server (maintenance database)."""
     external = os.environ.get("TENANTSTORE_TEST_DATABASE_URL")
     if external:
         yield external
         return
-    import pgserver
+    from pgserver import postgres_server
 
-    server = pgserver.get_server(tmp_path_factory.mktemp("pg") / "pgdata", cleanup_mode="delete")
+    # A directory of our own, not pytest's numbered tmp dirs: pytest prunes
+    # old ones, which would pull the data directory from under a running server.
+    root = Path(tempfile.mkdtemp(prefix="tenantstore-pg-"))
+    server = postgres_server.get_server(root / "pgdata", cleanup_mode="delete")
     try:
         yield server.get_uri()
     finally:
         server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

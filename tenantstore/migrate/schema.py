@@ -140,6 +140,7 @@ async def upgrade(
     keyring: KeyRing | None = None,
     *,
     target: int | None = None,
+    migrations: Sequence[Migration] | None = None,
     **options: Unpack[RunOptions],
 ) -> MigrationReport:
     """Apply pending migrations up to `target` (default: all), data steps included.
@@ -148,6 +149,7 @@ async def upgrade(
         pool: the database (at least two connections when a data step runs).
         keyring: needed when a pending migration is a data step.
         target: the version to stop at.
+        migrations: the migrations to apply (default: those shipped in `sql/migrations`).
         **options: passed to the batch runner of a data step (see `RunOptions`).
 
     Raises:
@@ -156,7 +158,7 @@ async def upgrade(
         MigrationChecksumError: an applied file has changed.
         MigrationError: a step failed; earlier steps stay applied, it does not.
     """
-    migrations = load_migrations()
+    migrations = load_migrations() if migrations is None else migrations
     report = MigrationReport("up")
     async with pool.acquire() as conn:
         await _locked(conn)
@@ -210,12 +212,14 @@ async def downgrade(
     *,
     steps: int = 1,
     confirm: bool = False,
+    migrations: Sequence[Migration] | None = None,
     **options: Unpack[RunOptions],
 ) -> MigrationReport:
     """Revert the latest `steps` applied migrations, newest first.
 
     Args:
         confirm: allow a step that drops a table holding rows.
+        migrations: the known migrations (default: those shipped in `sql/migrations`).
 
     Raises:
         DestructiveMigrationError: a step would drop a table with rows and
@@ -225,7 +229,8 @@ async def downgrade(
     """
     if steps < 1:
         raise MigrationError("steps is expected to be at least 1")
-    by_version = {m.version: m for m in load_migrations()}
+    known = load_migrations() if migrations is None else migrations
+    by_version = {m.version: m for m in known}
     report = MigrationReport("down")
     async with pool.acquire() as conn:
         await _locked(conn)
@@ -257,6 +262,7 @@ async def _check_down(
         if down.data_step and keyring is None:
             raise EncryptionKeyMissingError()
         for table in down.drops:
+            await conn.execute(TRACK["create_row_counter"])
             rows = await conn.fetchval(TRACK["table_row_count"], table)
             if rows and not confirm:
                 raise DestructiveMigrationError(down.filename, table, rows)
@@ -290,9 +296,11 @@ async def _revert(
     report.applied.append(migration.label)
 
 
-async def migration_status(pool: asyncpg.Pool) -> StatusReport:
+async def migration_status(
+    pool: asyncpg.Pool, *, migrations: Sequence[Migration] | None = None
+) -> StatusReport:
     """Applied, pending, changed and unknown migrations, and the latest batch runs."""
-    migrations = load_migrations()
+    migrations = load_migrations() if migrations is None else migrations
     async with pool.acquire() as conn:
         applied = await _applied(conn)
         runs = [dict(row) for row in await conn.fetch(TRACK["last_runs"])]

@@ -1,0 +1,267 @@
+"""The schema runner: up, down, status, checksums, locking, adoption, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tenantstore import (
+    DestructiveMigrationError,
+    EncryptionKeyMissingError,
+    KeyRing,
+    MigrationChecksumError,
+    MigrationError,
+)
+from tenantstore.migrate import downgrade, load_migrations, migration_status, upgrade
+from tenantstore.migrate.__main__ import main
+from tenantstore.migrate.files import parse_migrations
+
+
+async def tables(pool: asyncpg.Pool) -> set[str]:
+    rows = await pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+    return {r[0] for r in rows}
+
+
+async def versions(pool: asyncpg.Pool) -> list[int]:
+    return [r[0] for r in await pool.fetch("SELECT version FROM tenantstore_migrations ORDER BY 1")]
+
+
+async def test_up_applies_everything_and_status_reports_it(
+    pool: asyncpg.Pool, keyring: KeyRing
+) -> None:
+    report = await upgrade(pool, keyring)
+    assert report.applied == ["0001_create_tenants", "0002_encrypt_gemini_api_keys"]
+    assert report.version == 2
+    assert {"tenants", "tenantstore_migrations"} <= await tables(pool)
+    status = await migration_status(pool)
+    assert status.version == 2 and status.pending == [] and status.changed == []
+    again = await upgrade(pool, keyring)
+    assert again.applied == [] and again.summary() == "Nothing to do: schema is at version 2"
+
+
+async def test_up_to_a_target_and_down_steps(pool: asyncpg.Pool, keyring: KeyRing) -> None:
+    await upgrade(pool, keyring, target=1)
+    assert await versions(pool) == [1]
+    assert (await migration_status(pool)).pending == ["0002_encrypt_gemini_api_keys"]
+    await upgrade(pool, keyring)
+    report = await downgrade(pool, keyring, steps=2)
+    assert report.applied == ["0002_encrypt_gemini_api_keys", "0001_create_tenants"]
+    assert await versions(pool) == []
+    assert "tenants" not in await tables(pool)
+
+
+async def test_down_refuses_to_drop_a_table_with_rows_unless_confirmed(
+    pool: asyncpg.Pool, keyring: KeyRing
+) -> None:
+    await upgrade(pool, keyring, target=1)
+    await pool.execute("INSERT INTO tenants (tenant_id, name) VALUES ('a', 'A')")
+    with pytest.raises(DestructiveMigrationError, match="holds 1 rows"):
+        await downgrade(pool, keyring)
+    assert await versions(pool) == [1] and "tenants" in await tables(pool)
+    await downgrade(pool, keyring, confirm=True)
+    assert "tenants" not in await tables(pool)
+
+
+async def test_changed_applied_file_is_refused_naming_the_file(
+    pool: asyncpg.Pool, keyring: KeyRing
+) -> None:
+    await upgrade(pool, keyring, target=1)
+    await pool.execute("UPDATE tenantstore_migrations SET checksum = 'tampered' WHERE version = 1")
+    with pytest.raises(MigrationChecksumError, match=r"0001_create_tenants\.up\.sql"):
+        await upgrade(pool, keyring)
+    assert (await migration_status(pool)).changed == ["0001_create_tenants.up.sql"]
+    assert await versions(pool) == [1]
+
+
+async def test_unknown_applied_version_is_refused(pool: asyncpg.Pool, keyring: KeyRing) -> None:
+    await upgrade(pool, keyring)
+    await pool.execute(
+        "INSERT INTO tenantstore_migrations (version, name, checksum) VALUES (99, 'future', 'x')"
+    )
+    with pytest.raises(MigrationError, match="0099_future"):
+        await upgrade(pool, keyring)
+
+
+async def test_missing_key_fails_closed_before_applying_anything(pool: asyncpg.Pool) -> None:
+    with pytest.raises(EncryptionKeyMissingError):
+        await upgrade(pool, None)
+    assert "tenants" not in await tables(pool)
+    await upgrade(pool, None, target=1)  # the schema alone needs no key
+    assert await versions(pool) == [1]
+
+
+def _extra(files: dict[str, str]) -> list:  # type: ignore[type-arg]
+    shipped = {m.up.filename: m.up.sql for m in load_migrations()}
+    shipped.update({m.down.filename: m.down.sql for m in load_migrations() if m.down})
+    shipped.update(files)
+    return parse_migrations(shipped)
+
+
+async def test_failed_migration_leaves_nothing_half_applied(
+    pool: asyncpg.Pool, keyring: KeyRing
+) -> None:
+    migrations = _extra(
+        {
+            "0003_half.up.sql": "CREATE TABLE half_done (x int);\nSELECT 1 / 0;\n",
+            "0003_half.down.sql": "DROP TABLE half_done;\n",
+        }
+    )
+    with pytest.raises(MigrationError, match=r"0003_half\.up\.sql failed"):
+        await upgrade(pool, keyring, migrations=migrations)
+    assert "half_done" not in await tables(pool)
+    assert await versions(pool) == [1, 2]
+
+
+async def test_no_transaction_migration_can_create_index_concurrently(
+    pool: asyncpg.Pool, keyring: KeyRing
+) -> None:
+    migrations = _extra(
+        {
+            "0003_index.up.sql": "-- tenantstore: no-transaction\n"
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS tenants_name ON tenants (name);\n",
+            "0003_index.down.sql": "-- tenantstore: no-transaction\n"
+            "DROP INDEX CONCURRENTLY IF EXISTS tenants_name;\n",
+        }
+    )
+    await upgrade(pool, keyring, migrations=migrations)
+    assert await pool.fetchval("SELECT to_regclass('tenants_name') IS NOT NULL")
+    await downgrade(pool, keyring, migrations=migrations)
+    assert await pool.fetchval("SELECT to_regclass('tenants_name') IS NULL")
+
+
+async def test_concurrent_upgrades_in_process_apply_once(
+    database_url: str, keyring: KeyRing
+) -> None:
+    pools = [await asyncpg.create_pool(database_url, min_size=1, max_size=3) for _ in range(3)]
+    try:
+        reports = await asyncio.gather(*(upgrade(p, keyring) for p in pools))  # type: ignore[arg-type]
+        applied = sorted(label for r in reports for label in r.applied)
+        assert applied == ["0001_create_tenants", "0002_encrypt_gemini_api_keys"]
+        assert await versions(pools[0]) == [1, 2]  # type: ignore[arg-type]
+    finally:
+        for p in pools:
+            await p.close()  # type: ignore[union-attr]
+
+
+async def test_adopts_an_existing_plaintext_table_without_changing_rows(
+    pool: asyncpg.Pool, keyring: KeyRing
+) -> None:
+    await pool.execute(
+        "CREATE TABLE tenants (tenant_id text PRIMARY KEY, name text NOT NULL, gemini_api_key text)"
+    )
+    original = [("acme", "Acme", "AIzaSyA-acme"), ("beta", "Beta", None), ("gamma", "G", "")]
+    await pool.executemany("INSERT INTO tenants VALUES ($1, $2, $3)", original)
+    await upgrade(pool, keyring, target=1)
+    rows = await pool.fetch("SELECT tenant_id, name, gemini_api_key FROM tenants ORDER BY 1")
+    assert [tuple(r) for r in rows] == original
+    assert await pool.fetchval("SELECT count(created_at) + count(updated_at) FROM tenants") == 6
+    report = await upgrade(pool, keyring)
+    assert report.summary() == "Migration complete: 1 keys encrypted, 0 already encrypted"
+    token = await pool.fetchval("SELECT gemini_api_key FROM tenants WHERE tenant_id = 'acme'")
+    assert keyring.decrypt(token) == "AIzaSyA-acme"
+    rows = await pool.fetch("SELECT tenant_id, name, gemini_api_key FROM tenants ORDER BY 1")
+    assert [tuple(r)[:2] for r in rows] == [o[:2] for o in original]
+    assert [r[2] for r in rows[1:]] == [None, ""]
+
+
+# -- the command line ----------------------------------------------------------
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tenantstore.migrate", *args],
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def test_cli_up_status_down_exit_codes(
+    database_url: str, key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {"ENCRYPTION_KEY": key}
+    result = await asyncio.to_thread(run_cli, ["up", "--database-url", database_url], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == (
+        "Migration complete: 0 keys encrypted, 0 already encrypted"
+    )
+    status = await asyncio.to_thread(
+        run_cli, ["status", "--database-url", database_url], env, tmp_path
+    )
+    assert status.returncode == 0, status.stderr
+    assert "Schema version: 2" in status.stdout
+    assert "0 undecryptable" in status.stdout
+    down = await asyncio.to_thread(run_cli, ["down", "--database-url", database_url], env, tmp_path)
+    assert down.returncode == 0, down.stderr
+    assert "PLAINTEXT" in down.stderr
+    assert down.stdout.strip().splitlines()[-1] == (
+        "Migration complete: 0 keys decrypted, 0 already plaintext"
+    )
+    for output in (result, status, down):
+        assert key not in output.stdout + output.stderr
+
+
+async def test_cli_missing_key_exits_2_and_changes_nothing(
+    database_url: str, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    result = await asyncio.to_thread(run_cli, ["up", "--database-url", database_url], {}, tmp_path)
+    assert result.returncode == 2
+    assert "ENCRYPTION_KEY environment variable not set" in result.stderr
+    assert await tables(pool) <= {"tenantstore_migrations", "tenantstore_secret_runs"}
+    for command in ("encrypt", "rotate", "verify"):
+        assert main([command, "--database-url", database_url]) == 2
+
+
+async def test_cli_usage_errors_exit_2(
+    database_url: str, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ENCRYPTION_KEY", key)
+    with pytest.raises(SystemExit) as info:
+        main(["sideways"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["encrypt", "--shard", "3/2"])
+    assert info.value.code == 2
+    assert main(["encrypt", "--batch-size", "0", "--database-url", database_url]) == 2
+    monkeypatch.setenv("ENCRYPTION_KEY", "not-a-key")
+    assert main(["up", "--database-url", database_url]) == 2
+
+
+async def test_cli_down_refuses_rows_without_yes(
+    database_url: str, pool: asyncpg.Pool, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ENCRYPTION_KEY", key)
+    assert await asyncio.to_thread(main, ["up", "--to", "1", "--database-url", database_url]) == 0
+    await pool.execute("INSERT INTO tenants (tenant_id, name) VALUES ('a', 'A')")
+    assert await asyncio.to_thread(main, ["down", "--database-url", database_url]) == 2
+    assert "tenants" in await tables(pool)
+    assert await asyncio.to_thread(main, ["down", "--yes", "--database-url", database_url]) == 0
+    assert "tenants" not in await tables(pool)
+
+
+@pytest.mark.slow
+async def test_two_concurrent_cli_runners_apply_each_migration_once(
+    database_url: str, pool: asyncpg.Pool, key: str, tmp_path: Path
+) -> None:
+    env = {"ENCRYPTION_KEY": key}
+    results = await asyncio.gather(
+        *(
+            asyncio.to_thread(run_cli, ["up", "--database-url", database_url], env, tmp_path)
+            for _ in range(2)
+        )  # fmt: skip
+    )
+    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+    applied = [line for r in results for line in r.stderr.splitlines() if "Applying" in line]
+    assert sorted(applied) == [
+        "INFO Applying 0001_create_tenants",
+        "INFO Applying 0002_encrypt_gemini_api_keys",
+    ]
+    assert await versions(pool) == [1, 2]

@@ -1,0 +1,382 @@
+"""TenantRepository against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import asyncpg
+import pytest
+from cryptography.fernet import Fernet, MultiFernet
+
+from tenantstore import (
+    DatabaseError,
+    InvalidTenantIdError,
+    KeyRing,
+    PlaintextSecretError,
+    Tenant,
+    TenantDecryptionError,
+    TenantExistsError,
+    TenantNotFoundError,
+    TenantRepository,
+    create_pool,
+)
+from tenantstore.encryption import is_encrypted
+from tenantstore.migrate import upgrade
+
+API_KEY = "AIzaSyD-test-key-0123456789abcdefghijk"
+
+
+@pytest.fixture
+async def schema(pool: asyncpg.Pool, keyring: KeyRing) -> asyncpg.Pool:
+    """The test database with tenantstore's schema applied."""
+    await upgrade(pool, keyring)
+    return pool
+
+
+@pytest.fixture
+async def repo(schema: asyncpg.Pool, keyring: KeyRing) -> AsyncIterator[TenantRepository]:
+    yield TenantRepository(schema, keyring)
+
+
+async def stored(pool: asyncpg.Pool, tenant_id: str) -> str | None:
+    value: str | None = await pool.fetchval(
+        "SELECT gemini_api_key FROM tenants WHERE tenant_id = $1", tenant_id
+    )
+    return value
+
+
+async def test_create_then_get_round_trips_and_stores_a_token(
+    repo: TenantRepository, schema: asyncpg.Pool, keyring: KeyRing
+) -> None:
+    created = await repo.create_tenant("acme", "Acme Inc", gemini_api_key=API_KEY)
+    fetched = await repo.get_tenant("acme")
+    assert fetched is not None
+    assert fetched.gemini_api_key is not None
+    assert fetched.gemini_api_key.get_secret_value() == API_KEY
+    assert created == fetched
+    assert isinstance(fetched.created_at, datetime) and fetched.created_at.tzinfo is not None
+    raw = await stored(schema, "acme")
+    assert raw is not None and raw != API_KEY and is_encrypted(raw)
+    assert keyring.decrypt(raw) == API_KEY
+
+
+async def test_get_unknown_tenant_is_none(repo: TenantRepository) -> None:
+    assert await repo.get_tenant("nobody") is None
+
+
+async def test_tenant_without_key(repo: TenantRepository) -> None:
+    await repo.create_tenant("bare", "Bare")
+    tenant = await repo.get_tenant("bare")
+    assert tenant is not None and tenant.gemini_api_key is None
+
+
+async def test_duplicate_create_raises_tenant_exists(repo: TenantRepository) -> None:
+    await repo.create_tenant("acme", "Acme")
+    with pytest.raises(TenantExistsError) as info:
+        await repo.create_tenant("acme", "Other", gemini_api_key=API_KEY)
+    assert info.value.tenant_id == "acme"
+    assert isinstance(info.value.__cause__, asyncpg.UniqueViolationError)
+    assert API_KEY not in str(info.value)
+
+
+async def test_set_key_replaces_bumps_updated_at_and_clears(
+    repo: TenantRepository, schema: asyncpg.Pool
+) -> None:
+    before = await repo.create_tenant("acme", "Acme", gemini_api_key="old-key")
+    await repo.set_gemini_api_key("acme", API_KEY)
+    after = await repo.get_tenant("acme")
+    assert after is not None and after.gemini_api_key is not None
+    assert after.gemini_api_key.get_secret_value() == API_KEY
+    assert after.updated_at > before.updated_at
+    assert is_encrypted(await stored(schema, "acme"))
+    await repo.set_gemini_api_key("acme", None)
+    cleared = await repo.get_tenant("acme")
+    assert cleared is not None and cleared.gemini_api_key is None
+
+
+async def test_set_key_of_unknown_tenant_raises(repo: TenantRepository) -> None:
+    with pytest.raises(TenantNotFoundError) as info:
+        await repo.set_gemini_api_key("ghost", API_KEY)
+    assert info.value.tenant_id == "ghost" and isinstance(info.value, LookupError)
+
+
+async def test_delete_reports_whether_it_existed(repo: TenantRepository) -> None:
+    await repo.create_tenant("acme", "Acme")
+    assert await repo.delete_tenant("acme") is True
+    assert await repo.delete_tenant("acme") is False
+    assert await repo.get_tenant("acme") is None
+
+
+async def test_get_tenants_one_query_one_hop_unknown_absent(
+    schema: asyncpg.Pool, keyring: KeyRing
+) -> None:
+    repo = TenantRepository(schema, keyring, cache_size=0)
+    for i in range(5):
+        await repo.create_tenant(f"t{i}", f"T{i}", gemini_api_key=f"key-{i}")
+    batches = repo.decryptor.stats.batches
+    found = await repo.get_tenants(["t0", "t3", "missing", "t4", "t3"])
+    assert sorted(found) == ["t0", "t3", "t4"]
+    assert {t: v.gemini_api_key.get_secret_value() for t, v in found.items()} == {  # type: ignore[union-attr]
+        "t0": "key-0",
+        "t3": "key-3",
+        "t4": "key-4",
+    }
+    assert repo.decryptor.stats.batches == batches + 1
+    assert await repo.get_tenants([]) == {}
+
+
+async def test_iter_tenants_keyset_pages_in_order(schema: asyncpg.Pool, keyring: KeyRing) -> None:
+    repo = TenantRepository(schema, keyring, cache_size=0)
+    ids = [f"tenant-{i:03d}" for i in range(25)]
+    for tenant_id in reversed(ids):
+        await repo.create_tenant(tenant_id, tenant_id.upper(), gemini_api_key=f"k-{tenant_id}")
+    batches = repo.decryptor.stats.batches
+    seen = [t async for t in repo.iter_tenants(batch_size=10)]
+    assert [t.tenant_id for t in seen] == ids
+    assert all(t.gemini_api_key.get_secret_value() == f"k-{t.tenant_id}" for t in seen)  # type: ignore[union-attr]
+    assert repo.decryptor.stats.batches == batches + 3  # one hop per page
+    with pytest.raises(ValueError, match="batch_size"):
+        [t async for t in repo.iter_tenants(batch_size=0)]
+
+
+async def test_legacy_plaintext_is_read_unless_disallowed(
+    repo: TenantRepository, schema: asyncpg.Pool, keyring: KeyRing
+) -> None:
+    await schema.execute(
+        "INSERT INTO tenants (tenant_id, name, gemini_api_key) VALUES ('old', 'Old', $1)", API_KEY
+    )
+    tenant = await repo.get_tenant("old")
+    assert tenant is not None and tenant.gemini_api_key is not None
+    assert tenant.gemini_api_key.get_secret_value() == API_KEY
+    strict = TenantRepository(schema, keyring, allow_plaintext=False)
+    with pytest.raises(PlaintextSecretError) as info:
+        await strict.get_tenant("old")
+    assert info.value.tenant_id == "old" and API_KEY not in str(info.value)
+
+
+async def test_undecryptable_value_raises_and_logs_tenant_id_only(
+    repo: TenantRepository, schema: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    foreign = Fernet(Fernet.generate_key()).encrypt(API_KEY.encode()).decode()
+    await schema.execute(
+        "INSERT INTO tenants (tenant_id, name, gemini_api_key) VALUES ('lost', 'Lost', $1)", foreign
+    )
+    with (
+        caplog.at_level(logging.ERROR, logger="tenantstore"),
+        pytest.raises(TenantDecryptionError) as info,
+    ):
+        await repo.get_tenant("lost")
+    assert info.value.tenant_id == "lost"
+    assert str(info.value) == "Failed to decrypt Gemini API key for tenant lost"
+    assert [r.getMessage() for r in caplog.records] == [
+        "Failed to decrypt Gemini API key for tenant lost"
+    ]
+    for text in (str(info.value), repr(info.value), caplog.text):
+        assert API_KEY not in text and foreign not in text
+
+
+async def test_previous_key_tokens_still_read(schema: asyncpg.Pool, key: str, old_key: str) -> None:
+    old_token = Fernet(old_key.encode()).encrypt(API_KEY.encode()).decode()
+    await schema.execute(
+        "INSERT INTO tenants (tenant_id, name, gemini_api_key) VALUES ('x', 'X', $1)", old_token
+    )
+    repo = TenantRepository(schema, KeyRing(key, [old_key]))
+    tenant = await repo.get_tenant("x")
+    assert tenant is not None and tenant.gemini_api_key is not None
+    assert tenant.gemini_api_key.get_secret_value() == API_KEY
+
+
+HOSTILE_IDS = [
+    "o'brien",
+    'quote"d',
+    "x'; DROP TABLE tenants; --",
+    "semi;colon",
+    "back\\slash",
+    "ünïcødé-租户-🔑",
+    "$1",
+    "%s {0}",
+    "a" * 255,
+]
+
+
+@pytest.mark.parametrize("tenant_id", HOSTILE_IDS)
+async def test_hostile_ids_round_trip_exactly(
+    repo: TenantRepository, schema: asyncpg.Pool, tenant_id: str
+) -> None:
+    await repo.create_tenant(tenant_id, "Hostile", gemini_api_key=API_KEY)
+    tenant = await repo.get_tenant(tenant_id)
+    assert tenant is not None and tenant.tenant_id == tenant_id
+    assert list(await repo.get_tenants([tenant_id])) == [tenant_id]
+    await repo.set_gemini_api_key(tenant_id, "new")
+    assert await schema.fetchval("SELECT count(*) FROM tenants") == 1
+    assert await repo.delete_tenant(tenant_id) is True
+
+
+@pytest.mark.parametrize(
+    "tenant_id", ["nul\x00byte", "", "lone\ud800surrogate", 42, None], ids=repr
+)
+async def test_unstorable_ids_raise_a_clean_error(
+    repo: TenantRepository, tenant_id: object
+) -> None:
+    for call in (
+        repo.get_tenant(tenant_id),  # type: ignore[arg-type]
+        repo.create_tenant(tenant_id, "X"),  # type: ignore[arg-type]
+        repo.set_gemini_api_key(tenant_id, "k"),  # type: ignore[arg-type]
+        repo.delete_tenant(tenant_id),  # type: ignore[arg-type]
+        repo.get_tenants([tenant_id]),  # type: ignore[list-item]
+    ):
+        with pytest.raises(InvalidTenantIdError):
+            await call
+
+
+async def test_very_long_ids_are_absent_on_read_and_refused_on_create(
+    repo: TenantRepository,
+) -> None:
+    huge = "x" * 100_000
+    assert await repo.get_tenant(huge) is None
+    with pytest.raises(InvalidTenantIdError, match="at most 255"):
+        await repo.create_tenant(huge, "Huge")
+
+
+async def test_database_errors_are_translated_and_chained(
+    pool: asyncpg.Pool, keyring: KeyRing
+) -> None:
+    repo = TenantRepository(pool, keyring)  # no schema: the table does not exist
+    with pytest.raises(DatabaseError) as info:
+        await repo.get_tenant("acme")
+    assert isinstance(info.value.__cause__, asyncpg.UndefinedTableError)
+
+
+async def test_cache_serves_hot_tenants_without_crypto(repo: TenantRepository) -> None:
+    await repo.create_tenant("hot", "Hot", gemini_api_key=API_KEY)
+    await repo.get_tenant("hot")
+    batches = repo.decryptor.stats.batches
+    for _ in range(20):
+        tenant = await repo.get_tenant("hot")
+        assert tenant is not None and tenant.gemini_api_key is not None
+        assert tenant.gemini_api_key.get_secret_value() == API_KEY
+    assert repo.decryptor.stats.batches == batches
+
+
+async def test_cache_never_serves_a_stale_secret(repo: TenantRepository) -> None:
+    await repo.create_tenant("acme", "Acme", gemini_api_key="first")
+    await repo.get_tenant("acme")
+    await repo.set_gemini_api_key("acme", "second")
+    tenant = await repo.get_tenant("acme")
+    assert tenant is not None and tenant.gemini_api_key is not None
+    assert tenant.gemini_api_key.get_secret_value() == "second"
+
+
+async def test_cache_is_bounded_and_can_be_off(schema: asyncpg.Pool, keyring: KeyRing) -> None:
+    small = TenantRepository(schema, keyring, cache_size=5)
+    for i in range(20):
+        await small.create_tenant(f"t{i:02d}", "T", gemini_api_key=f"k{i}")
+    assert len(await small.get_tenants([f"t{i:02d}" for i in range(20)])) == 20
+    assert "5/5" in repr(small)
+    off = TenantRepository(schema, keyring, cache_size=0)
+    await off.get_tenant("t01")
+    batches = off.decryptor.stats.batches
+    await off.get_tenant("t01")
+    assert off.decryptor.stats.batches == batches + 1
+    with pytest.raises(ValueError, match="cache_size"):
+        TenantRepository(schema, keyring, cache_size=-1)
+
+
+async def test_event_loop_thread_never_runs_fernet(
+    schema: asyncpg.Pool, keyring: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: set[int] = set()
+
+    def spy(cls: type, name: str) -> None:
+        original = getattr(cls, name)
+
+        def recording(self: object, *args: object, **kwargs: object) -> object:
+            threads.add(threading.get_ident())
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, recording)
+
+    for cls in (Fernet, MultiFernet):
+        for name in ("encrypt", "decrypt", "encrypt_at_time", "decrypt_at_time"):
+            spy(cls, name)
+    repo = TenantRepository(schema, keyring, cache_size=0)
+    await asyncio.gather(
+        *(repo.create_tenant(f"t{i}", "T", gemini_api_key=f"k{i}") for i in range(20))
+    )
+    await asyncio.gather(*(repo.get_tenant(f"t{i}") for i in range(20)))
+    await repo.get_tenants([f"t{i}" for i in range(20)])
+    await repo.set_gemini_api_key("t1", "changed")
+    assert threads, "the spy saw no Fernet call at all"
+    assert threading.get_ident() not in threads
+
+
+async def test_concurrent_gets_share_few_thread_hops(database_url: str, keyring: KeyRing) -> None:
+    pool = await asyncpg.create_pool(database_url, min_size=10, max_size=10)
+    assert pool is not None
+    try:
+        await upgrade(pool, keyring)
+        tokens = keyring.encrypt_batch([f"key-{i}" for i in range(200)])
+        await pool.execute(
+            "INSERT INTO tenants (tenant_id, name, gemini_api_key) "
+            "SELECT 't' || i, 'T', tok FROM unnest($1::text[]) WITH ORDINALITY AS u(tok, i)",
+            tokens,
+        )
+        repo = TenantRepository(pool, keyring, cache_size=0)
+        results = await asyncio.gather(*(repo.get_tenant(f"t{i}") for i in range(1, 201)))
+        assert [r.gemini_api_key.get_secret_value() for r in results] == [  # type: ignore[union-attr]
+            f"key-{i}" for i in range(200)
+        ]
+        stats = repo.decryptor.stats
+        assert stats.requests == 200
+        assert stats.batches <= 50, stats
+    finally:
+        await pool.close()
+
+
+async def test_repository_accepts_a_connection_for_callers_transactions(
+    schema: asyncpg.Pool, keyring: KeyRing
+) -> None:
+    async with schema.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        repo = TenantRepository(conn, keyring)
+        await repo.create_tenant("inside", "Inside", gemini_api_key=API_KEY)
+        assert await repo.get_tenant("inside") is not None
+        await tx.rollback()
+    assert await TenantRepository(schema, keyring).get_tenant("inside") is None
+
+
+async def test_repr_shows_no_secret(repo: TenantRepository, key: str) -> None:
+    await repo.create_tenant("acme", "Acme", gemini_api_key=API_KEY)
+    tenant = await repo.get_tenant("acme")
+    for text in (repr(repo), repr(tenant), str(tenant), tenant.model_dump_json()):  # type: ignore[union-attr]
+        assert API_KEY not in text and key not in text
+    assert isinstance(tenant, Tenant)
+
+
+async def test_create_pool_pgbouncer_mode_keeps_no_prepared_statements(
+    database_url: str,
+) -> None:
+    for pgbouncer, expect_cached in ((False, True), (True, False)):
+        pool = await create_pool(database_url, min_size=1, max_size=1, pgbouncer=pgbouncer)
+        try:
+            async with pool.acquire() as conn:
+                await conn.fetchval("SELECT $1::int + 1", 1)
+                cached = await conn.fetchval("SELECT count(*) FROM pg_prepared_statements")
+            assert (cached > 0) is expect_cached
+        finally:
+            await pool.close()
+
+
+async def test_create_pool_rejects_bad_sizes_and_unreachable_servers(tmp_path: object) -> None:
+    with pytest.raises(ValueError, match="max_size"):
+        await create_pool("postgresql://localhost/x", max_size=0)
+    with pytest.raises(ValueError, match="min_size"):
+        await create_pool("postgresql://localhost/x", min_size=5, max_size=2)
+    with pytest.raises(DatabaseError) as info:
+        await create_pool("postgresql://user:hunter2@/nodb?host=/nonexistent", min_size=1)
+    assert "hunter2" not in str(info.value) and "***" in str(info.value)
