@@ -107,7 +107,6 @@ class Result:
 class Summary:
     """The median of each figure over the `--repeat` runs of a variant."""
 
-    variant: str
     runs: list[Result] = field(default_factory=list)
 
     def median(self, name: str) -> float:
@@ -122,8 +121,8 @@ def _decrypt(fernet: Fernet, token: str) -> str:
 
 
 @asynccontextmanager
-async def _pool(bench: Bench) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(bench.url, min_size=bench.pool_size, max_size=bench.pool_size)
+async def _pool(url: str, size: int) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(url, min_size=size, max_size=size)
     try:
         yield pool
     finally:
@@ -133,39 +132,32 @@ async def _pool(bench: Bench) -> AsyncIterator[asyncpg.Pool]:
 @asynccontextmanager
 async def variant_a(bench: Bench) -> AsyncIterator[Subject]:
     fernet = Fernet(bench.key)
-    async with _pool(bench) as pool:
+    async with _pool(bench.url, bench.pool_size) as pool:
         # Checked outside the timed path: a returns the token as stored.
         yield Subject(lambda t: pool.fetchrow(GET_ROW, t), lambda row: _decrypt(fernet, row[2]))
 
 
-@asynccontextmanager
-async def variant_b(bench: Bench) -> AsyncIterator[Subject]:
-    fernet = Fernet(bench.key)
-    async with _pool(bench) as pool:
+def _fetchrow_variant(*, hop: bool) -> Callable[[Bench], Any]:
+    @asynccontextmanager
+    async def variant_b_or_e(bench: Bench) -> AsyncIterator[Subject]:
+        fernet = Fernet(bench.key)
+        async with _pool(bench.url, bench.pool_size) as pool:
 
-        async def fetch(tenant_id: str) -> str:
-            row = await pool.fetchrow(GET_ROW, tenant_id)
-            return await anyio.to_thread.run_sync(_decrypt, fernet, row[2])
+            async def fetch(tenant_id: str) -> str:
+                row = await pool.fetchrow(GET_ROW, tenant_id)
+                if hop:  # b: one worker-thread hop per call
+                    return await anyio.to_thread.run_sync(_decrypt, fernet, row[2])
+                return _decrypt(fernet, row[2])  # e: inline, on the loop
 
-        yield Subject(fetch, lambda plain: plain)
+            yield Subject(fetch, lambda plain: plain)
 
-
-@asynccontextmanager
-async def variant_e(bench: Bench) -> AsyncIterator[Subject]:
-    fernet = Fernet(bench.key)
-    async with _pool(bench) as pool:
-
-        async def fetch(tenant_id: str) -> str:
-            row = await pool.fetchrow(GET_ROW, tenant_id)
-            return _decrypt(fernet, row[2])
-
-        yield Subject(fetch, lambda plain: plain)
+    return variant_b_or_e
 
 
 def _repository_variant(*, warm: bool) -> Callable[[Bench], Any]:
     @asynccontextmanager
     async def variant_c(bench: Bench) -> AsyncIterator[Subject]:
-        async with _pool(bench) as pool:
+        async with _pool(bench.url, bench.pool_size) as pool:
             repo = TenantRepository(pool, KeyRing(bench.key), **({} if warm else {"cache_size": 0}))
             if warm:  # one untimed pass over every tenant fills the cache
                 await _drive(repo.get_tenant, list(bench.plaintexts), bench.clients)
@@ -205,7 +197,7 @@ def tenant_sa_model(key: str) -> type[Any]:
 async def variant_d(bench: Bench) -> AsyncIterator[Subject]:
     model = tenant_sa_model(bench.key)
     engine = create_async_engine(bench.sa_url, pool_size=bench.pool_size, max_overflow=0)
-    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    sessions = async_sessionmaker(engine)
 
     async def fetch(tenant_id: str) -> Any:
         session: AsyncSession
@@ -218,21 +210,14 @@ async def variant_d(bench: Bench) -> AsyncIterator[Subject]:
         await engine.dispose()
 
 
-VARIANTS: dict[str, Callable[[Bench], Any]] = {
-    "a": variant_a,
-    "b": variant_b,
-    "c cold": _repository_variant(warm=False),
-    "c warm": _repository_variant(warm=True),
-    "d": variant_d,
-    "e": variant_e,
-}
-LABELS = {
-    "a": "a  asyncpg fetchrow (limit)",
-    "b": "b  fetchrow + hop per call",
-    "c cold": "c  get_tenant cold",
-    "c warm": "c  get_tenant warm",
-    "d": "d  SQLAlchemy ORM + utils",
-    "e": "e  fetchrow + inline decrypt",
+# name -> (table label, setup yielding a Subject)
+VARIANTS: dict[str, tuple[str, Callable[[Bench], Any]]] = {
+    "a": ("a  asyncpg fetchrow (limit)", variant_a),
+    "b": ("b  fetchrow + hop per call", _fetchrow_variant(hop=True)),
+    "c cold": ("c  get_tenant cold", _repository_variant(warm=False)),
+    "c warm": ("c  get_tenant warm", _repository_variant(warm=True)),
+    "d": ("d  SQLAlchemy ORM + utils", variant_d),
+    "e": ("e  fetchrow + inline decrypt", _fetchrow_variant(hop=False)),
 }
 
 
@@ -277,7 +262,7 @@ async def _verify(name: str, subject: Subject, bench: Bench) -> None:
 
 async def measure(name: str, bench: Bench) -> Result:
     """Set up a variant, verify it, warm it up, then time `measured_ids` through it."""
-    async with VARIANTS[name](bench) as subject:
+    async with VARIANTS[name][1](bench) as subject:
         await _verify(name, subject, bench)
         await _drive(subject.fetch, bench.warmup_ids, bench.clients)
         before = (subject.stats.requests, subject.stats.batches) if subject.stats else (0, 0)
@@ -321,7 +306,7 @@ async def fill(url: str, sa_url: str, key: str, plaintexts: dict[str, str]) -> N
     ids = list(plaintexts)
     names = [f"Tenant {tenant_id}" for tenant_id in ids]
     tokens = keyring.encrypt_batch(list(plaintexts.values()))
-    async with _pool_of(url, 2) as pool:
+    async with _pool(url, 2) as pool:
         await upgrade(pool, keyring)
         await pool.execute(FILL, ids, names, tokens)
         await pool.execute("ANALYZE tenants")
@@ -338,15 +323,6 @@ async def fill(url: str, sa_url: str, key: str, plaintexts: dict[str, str]) -> N
             await conn.exec_driver_sql("ANALYZE tenants_sa")
     finally:
         await engine.dispose()
-
-
-@asynccontextmanager
-async def _pool_of(url: str, size: int) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=size)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 @asynccontextmanager
@@ -386,7 +362,7 @@ async def run(args: argparse.Namespace, server_url: str) -> dict[str, Summary]:
             sample_ids=rng.sample(ids, k=min(VERIFY_SAMPLE, len(ids))),
         )
         await fill(url, sa_url, bench.key, plaintexts)
-        summaries = {name: Summary(name) for name in VARIANTS}
+        summaries = {name: Summary() for name in VARIANTS}
         for round_ in range(args.repeat):
             for name in VARIANTS:  # interleaved, so drift hits every variant alike
                 result = await measure(name, bench)
@@ -406,6 +382,17 @@ def ratios(summaries: dict[str, Summary]) -> list[tuple[str, float, float]]:
     ]
 
 
+def coalescer(summaries: dict[str, Summary]) -> dict[str, tuple[int, int]]:
+    """For c cold and warm: (decrypt requests, worker batches) summed over the timed runs."""
+    return {
+        name: (
+            sum(r.decrypt_requests for r in summaries[name].runs),
+            sum(r.decrypt_batches for r in summaries[name].runs),
+        )
+        for name in ("c cold", "c warm")
+    }
+
+
 def format_text(summaries: dict[str, Summary], args: argparse.Namespace) -> str:
     """The table, the ratios against their targets, and the coalescer's batching."""
     lines = [
@@ -419,7 +406,7 @@ def format_text(summaries: dict[str, Summary], args: argparse.Namespace) -> str:
     for name, summary in summaries.items():
         m = summary.median
         lines.append(
-            f"{LABELS[name]:31} {m('rps'):9,.0f} {m('p50_ms'):8.2f} {m('p99_ms'):8.2f}"
+            f"{VARIANTS[name][0]:31} {m('rps'):9,.0f} {m('p50_ms'):8.2f} {m('p99_ms'):8.2f}"
             f" {m('lag_ms'):13.2f} {m('cpu_us'):11.0f}"
         )
     lines.append("")
@@ -427,10 +414,7 @@ def format_text(summaries: dict[str, Summary], args: argparse.Namespace) -> str:
         verdict = "ok" if value >= target else "MISS"
         lines.append(f"{label:9} {value:6.2f}   target >= {target:<4}  {verdict}")
     lines.append("")
-    for name in ("c cold", "c warm"):
-        runs = summaries[name].runs
-        requests = sum(r.decrypt_requests for r in runs)
-        batches = sum(r.decrypt_batches for r in runs)
+    for name, (requests, batches) in coalescer(summaries).items():
         per_hop = f"{requests / batches:.1f}" if batches else "-"
         lines.append(
             f"coalescer, {name}: {requests} decrypt requests in {batches} batches"
@@ -452,6 +436,10 @@ def format_json(summaries: dict[str, Summary], args: argparse.Namespace) -> str:
         "ratios": {
             label: {"value": value, "target": target, "ok": value >= target}
             for label, value, target in ratios(summaries)
+        },
+        "coalescer": {
+            name: {"requests": requests, "batches": batches}
+            for name, (requests, batches) in coalescer(summaries).items()
         },
     }
     return json.dumps(report, indent=2)

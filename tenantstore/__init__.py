@@ -6,7 +6,7 @@ tenant = await repo.get_tenant("acme")
 tenant.gemini_api_key.get_secret_value()
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib import metadata as _metadata
 
 from .db import create_pool
 from .encryption import KeyRing
@@ -15,6 +15,7 @@ from .errors import (
     DatabaseError,
     DecryptionError,
     DestructiveMigrationError,
+    EncryptionError,
     EncryptionKeyMissingError,
     InvalidEncryptionKeyError,
     InvalidTenantIdError,
@@ -31,8 +32,8 @@ from .models import Tenant
 from .repository import TenantRepository
 
 try:
-    __version__ = version("tenantstore")
-except PackageNotFoundError:  # pragma: no cover - running from an uninstalled checkout
+    __version__ = _metadata.version("tenantstore")
+except _metadata.PackageNotFoundError:  # pragma: no cover - an uninstalled checkout
     __version__ = "0.0.0"
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "DatabaseError",
     "DecryptionError",
     "DestructiveMigrationError",
+    "EncryptionError",
     "EncryptionKeyMissingError",
     "InvalidEncryptionKeyError",
     "InvalidTenantIdError",

@@ -21,7 +21,7 @@ from .errors import SqlFileError
 
 __all__ = ["Query", "load_queries", "parse_queries", "sql_resource"]
 
-_NAME_LINE = re.compile(r"--\s*name\s*:\s*(?P<name>\S*)\s*$")
+_NAME_LINE = re.compile(r"--\s*name\s*:\s*(?P<name>.*?)\s*$")
 _VALID_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 
 
@@ -52,10 +52,10 @@ def parse_queries(text: str, *, source: str) -> dict[str, Query]:
     def finish() -> None:
         if name is None:
             return
-        sql = "\n".join(body).strip()
+        sql = "\n".join(body).strip().rstrip(";").rstrip()
         if not sql:
             raise SqlFileError(f"query {name!r} has no statement at {source}:{start}")
-        queries[name] = Query(name, sql.rstrip(";").rstrip(), " ".join(doc), source, start)
+        queries[name] = Query(name, sql, " ".join(doc), source, start)
 
     for lineno, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()

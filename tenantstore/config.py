@@ -39,13 +39,19 @@ def parse_env_text(text: str, *, source: str = "<string>") -> dict[str, str]:
         name = name.strip()
         if not sep or not name.replace("_", "").isalnum():
             raise ConfigurationError(f"malformed line (expected KEY=VALUE) at {source}:{lineno}")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        elif " #" in value:
-            value = value.split(" #", 1)[0].rstrip()
-        values[name] = value
+        values[name] = _unquote(value.strip())
     return values
+
+
+def _unquote(value: str) -> str:
+    """`"v" # note` -> `v`; `'v'` -> `v`; `v # note` -> `v`."""
+    if value[:1] in ("'", '"'):
+        end = value.find(value[0], 1)
+        if end > 0 and (value[end + 1 :].strip() == "" or value[end + 1 :].lstrip()[:1] == "#"):
+            return value[1:end]
+    if " #" in value:
+        value = value.split(" #", 1)[0].rstrip()
+    return value
 
 
 def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -55,6 +61,9 @@ def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
+    except UnicodeDecodeError:
+        # Not chained: the decode error carries the file's bytes, keys included.
+        raise ConfigurationError(f"{file} is not UTF-8 text") from None
     return parse_env_text(text, source=str(file))
 
 

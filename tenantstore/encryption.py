@@ -20,14 +20,21 @@ import base64
 import binascii
 import os
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import anyio.to_thread
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.fernet import Fernet
 
+from ._fernet import FernetKey, decrypt_tokens, encrypt_values
 from .config import load_settings
-from .errors import DecryptionError, EncryptionKeyMissingError, InvalidEncryptionKeyError
+from .errors import (
+    DecryptionError,
+    EncryptionError,
+    EncryptionKeyMissingError,
+    InvalidEncryptionKeyError,
+)
 
 __all__ = [
     "KeyRing",
@@ -49,14 +56,22 @@ _TOKEN_CHARS = re.compile(r"[A-Za-z0-9_-]+={0,2}")
 _KEY_CHARS = re.compile(r"[A-Za-z0-9_-]{43}=")
 
 
-def _load_key(key: object, setting: str) -> Fernet:
-    """Build a Fernet from a 44-character key, naming `setting` (never the key) on error."""
+def _load_key(key: object, setting: str) -> FernetKey:
+    """Load a 44-character Fernet key, naming `setting` (never the key) on error."""
     if not isinstance(key, str) or not _KEY_CHARS.fullmatch(key.strip()):
         raise InvalidEncryptionKeyError(setting)
     try:
-        return Fernet(key.strip())
-    except (ValueError, binascii.Error) as exc:
+        return FernetKey(key.strip())
+    except ValueError as exc:
         raise InvalidEncryptionKeyError(setting) from exc
+
+
+def _utf8(value: str) -> bytes:
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        # Not chained: the encode error carries the whole plaintext.
+        raise EncryptionError() from None
 
 
 def is_encrypted(value: object) -> bool:
@@ -90,16 +105,15 @@ class KeyRing:
             `ENCRYPTION_KEY` or `OLD_ENCRYPTION_KEY[i]`, never the key.
     """
 
-    __slots__ = ("_all", "_previous", "_primary")
+    __slots__ = ("_keys",)
 
     def __init__(self, primary: str, previous: Iterable[str] = ()) -> None:
         if isinstance(previous, str):
             previous = [previous]
-        self._primary = _load_key(primary, ENCRYPTION_KEY)
-        self._previous = tuple(
-            _load_key(key, f"{OLD_ENCRYPTION_KEY}[{index}]") for index, key in enumerate(previous)
+        self._keys = (
+            _load_key(primary, ENCRYPTION_KEY),
+            *(_load_key(key, f"{OLD_ENCRYPTION_KEY}[{i}]") for i, key in enumerate(previous)),
         )
-        self._all = MultiFernet([self._primary, *self._previous])
 
     @classmethod
     def from_env(
@@ -123,23 +137,29 @@ class KeyRing:
         return cls(primary, [key.strip() for key in old.split(",") if key.strip()])
 
     def __repr__(self) -> str:
-        return f"<KeyRing primary=*** previous={len(self._previous)}>"
+        return f"<KeyRing primary=*** previous={self.previous_count}>"
 
     @property
     def previous_count(self) -> int:
         """How many previous keys this ring accepts for decryption."""
-        return len(self._previous)
+        return len(self._keys) - 1
 
     # -- single values -------------------------------------------------------
 
     def encrypt(self, plaintext: str) -> str:
-        """Encrypt `plaintext` under the primary key and return the ASCII token."""
-        return self._primary.encrypt(plaintext.encode("utf-8")).decode("ascii")
+        """Encrypt `plaintext` (even `""`) under the primary key and return the ASCII token.
+
+        Raises:
+            EncryptionError: `plaintext` is not valid unicode.
+        """
+        return self.encrypt_at_time(plaintext, int(time.time()))
 
     def encrypt_at_time(self, plaintext: str, current_time: int) -> str:
         """Like `encrypt`, with the token's timestamp pinned (for tests and vectors)."""
-        token = self._primary.encrypt_at_time(plaintext.encode("utf-8"), current_time)
-        return token.decode("ascii")
+        data = [_utf8(plaintext)]
+        return encrypt_values(
+            self._keys[0], data, current_time=current_time, randomness=os.urandom(32)
+        )[0]
 
     def decrypt(self, token: str) -> str:
         """Decrypt `token` with the primary key, then each previous key.
@@ -147,10 +167,7 @@ class KeyRing:
         Raises:
             DecryptionError: the token is corrupt or made under none of the keys.
         """
-        try:
-            return self._all.decrypt(token.encode("ascii")).decode("utf-8")
-        except (InvalidToken, UnicodeError, TypeError, AttributeError) as exc:
-            raise DecryptionError() from exc
+        return self.decrypt_with_key_index(token)[0]
 
     def decrypt_with_key_index(self, token: str) -> tuple[str, int]:
         """Decrypt `token` and say which key did: 0 for the primary, i + 1 for previous[i].
@@ -158,16 +175,10 @@ class KeyRing:
         Raises:
             DecryptionError: no configured key decrypts the token.
         """
-        try:
-            data = token.encode("ascii")
-        except (UnicodeError, AttributeError) as exc:
-            raise DecryptionError() from exc
-        for index, fernet in enumerate((self._primary, *self._previous)):
-            try:
-                return fernet.decrypt(data).decode("utf-8"), index
-            except (InvalidToken, UnicodeError):
-                continue
-        raise DecryptionError()
+        result = decrypt_tokens(self._keys, [token])[0]
+        if result is None:
+            raise DecryptionError()
+        return result
 
     def key_index(self, token: str) -> int:
         """Return which key decrypts `token`: 0 for the primary, i + 1 for previous[i].
@@ -196,9 +207,22 @@ class KeyRing:
     # -- batches -------------------------------------------------------------
 
     def encrypt_batch(self, values: Sequence[_S]) -> list[_S]:
-        """Encrypt each value; `None` and `""` pass through unchanged."""
-        encrypt = self._primary.encrypt
-        return [encrypt(v.encode("utf-8")).decode("ascii") if v else v for v in values]
+        """Encrypt each value; `None` and `""` pass through unchanged.
+
+        All tokens of one batch share a timestamp (Fernet's TTL is not used here).
+        """
+        out = list(values)
+        todo = [index for index, value in enumerate(out) if value]
+        data = [_utf8(out[index]) for index in todo]  # type: ignore[arg-type]
+        tokens = encrypt_values(
+            self._keys[0],
+            data,
+            current_time=int(time.time()),
+            randomness=os.urandom(16 * (len(data) + 1)),
+        )
+        for index, token in zip(todo, tokens, strict=True):
+            out[index] = token
+        return out
 
     def decrypt_batch(self, values: Sequence[_S]) -> list[_S]:
         """Decrypt each token; `None` and `""` pass through unchanged.
@@ -206,22 +230,26 @@ class KeyRing:
         Raises:
             DecryptionError: any token fails (use `try_decrypt_batch` to keep going).
         """
-        return [self.decrypt(v) if v else v for v in values]
+        out = list(values)
+        todo = [index for index, value in enumerate(out) if value]
+        results = decrypt_tokens(self._keys, [out[index] for index in todo])  # type: ignore[misc]
+        for index, result in zip(todo, results, strict=True):
+            if result is None:
+                raise DecryptionError()
+            out[index] = result[0]
+        return out
 
     def try_decrypt_batch(self, tokens: Sequence[str]) -> list[str | None]:
         """Decrypt each token, giving `None` for one that no key decrypts."""
-        decrypt = self._all.decrypt
-        out: list[str | None] = []
-        for token in tokens:
-            try:
-                out.append(decrypt(token.encode("ascii")).decode("utf-8"))
-            except (InvalidToken, UnicodeError):
-                out.append(None)
-        return out
+        return [None if r is None else r[0] for r in decrypt_tokens(self._keys, tokens)]
+
+    def decrypt_batch_with_key_index(self, tokens: Sequence[str]) -> list[tuple[str, int] | None]:
+        """Per token `(plaintext, key index)`, or None where no key decrypts it."""
+        return decrypt_tokens(self._keys, tokens)
 
     async def encrypt_many(self, values: Sequence[_S]) -> list[_S]:
         """Encrypt a list in one worker-thread call; `None` and `""` pass through."""
-        return await anyio.to_thread.run_sync(self.encrypt_batch, list(values))
+        return await anyio.to_thread.run_sync(self.encrypt_batch, values)
 
     async def decrypt_many(self, values: Sequence[_S]) -> list[_S]:
         """Decrypt a list in one worker-thread call; `None` and `""` pass through.
@@ -229,7 +257,7 @@ class KeyRing:
         Raises:
             DecryptionError: any token fails.
         """
-        return await anyio.to_thread.run_sync(self.decrypt_batch, list(values))
+        return await anyio.to_thread.run_sync(self.decrypt_batch, values)
 
 
 def generate_encryption_key() -> str:

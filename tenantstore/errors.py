@@ -7,6 +7,7 @@ Catch `TenantStoreError` to catch them all. The tree::
     │   ├── EncryptionKeyMissingError
     │   ├── InvalidEncryptionKeyError
     │   └── InvalidTenantIdError
+    ├── EncryptionError (ValueError)
     ├── DecryptionError
     │   └── TenantDecryptionError
     ├── PlaintextSecretError
@@ -29,6 +30,7 @@ __all__ = [
     "DatabaseError",
     "DecryptionError",
     "DestructiveMigrationError",
+    "EncryptionError",
     "EncryptionKeyMissingError",
     "InvalidEncryptionKeyError",
     "InvalidTenantIdError",
@@ -78,6 +80,13 @@ class InvalidEncryptionKeyError(ConfigurationError):
 
 class InvalidTenantIdError(ConfigurationError):
     """A tenant id cannot be stored in PostgreSQL (empty, NUL byte, invalid unicode, too long)."""
+
+
+class EncryptionError(TenantStoreError, ValueError):
+    """A value cannot be encrypted (it is not valid unicode); the message never shows it."""
+
+    def __init__(self) -> None:
+        super().__init__("Value cannot be encrypted: it is not valid unicode (lone surrogate)")
 
 
 class DecryptionError(TenantStoreError):

@@ -57,7 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     generate.add_argument(
         "--write", metavar="PATH", help="append the key to this env file (created with mode 0600)"
     )
+    generate.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="with --write: do nothing (exit 0) when the file already sets ENCRYPTION_KEY",
+    )
     args = parser.parse_args(argv)
+    if args.if_missing and args.write is None:
+        parser.error("--if-missing needs --write PATH")
 
     key = generate_encryption_key()
     if args.write is None:
@@ -65,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(BACKUP_ADVICE, file=sys.stderr)
         return 0
     try:
+        if args.if_missing and ENCRYPTION_KEY in read_env_file(args.write):
+            print(f"{args.write} already sets {ENCRYPTION_KEY}; keeping it.", file=sys.stderr)
+            return 0
         append_key(args.write, key)
     except ConfigurationError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -49,11 +49,6 @@ def test_parse_drops_an_inline_comment_after_whitespace() -> None:
     assert parse_env_text("A=value # note\nB=a#b") == {"A": "value", "B": "a#b"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='BUG: a quoted value followed by an inline comment keeps its quotes: A="v" # c '
-    '-> \'"v"\' (so ENCRYPTION_KEY="..." # primary becomes an invalid key)',
-)
 def test_parse_strips_quotes_before_an_inline_comment() -> None:
     assert parse_env_text('A="value" # note') == {"A": "value"}
 

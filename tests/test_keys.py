@@ -144,3 +144,19 @@ def test_module_runs_as_a_script_and_prints_a_key() -> None:
     match = KEY_LINE.fullmatch(result.stdout.rstrip("\n"))
     assert match is not None, result.stdout
     _usable(match["key"])
+
+
+def test_if_missing_keeps_an_existing_key_and_exits_0(tmp_path: Path) -> None:
+    """`--if-missing` makes the set-up command safe to rerun: the first key stays."""
+    target = tmp_path / ".env.secrets"
+    assert main(["generate", "--write", str(target), "--if-missing"]) == 0
+    first = target.read_text()
+    assert main(["generate", "--write", str(target), "--if-missing"]) == 0
+    assert target.read_text() == first
+    assert first.count("ENCRYPTION_KEY=") == 1
+
+
+def test_if_missing_without_write_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--if-missing"])
+    assert info.value.code == 2

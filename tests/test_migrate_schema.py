@@ -252,11 +252,10 @@ async def test_two_concurrent_cli_runners_apply_each_migration_once(
     database_url: str, pool: asyncpg.Pool, key: str, tmp_path: Path
 ) -> None:
     env = {"ENCRYPTION_KEY": key}
+    args = ["up", "--database-url", database_url]
     results = await asyncio.gather(
-        *(
-            asyncio.to_thread(run_cli, ["up", "--database-url", database_url], env, tmp_path)
-            for _ in range(2)
-        )  # fmt: skip
+        asyncio.to_thread(run_cli, args, env, tmp_path),
+        asyncio.to_thread(run_cli, args, env, tmp_path),
     )
     assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
     applied = [line for r in results for line in r.stderr.splitlines() if "Applying" in line]

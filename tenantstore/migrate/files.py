@@ -27,6 +27,7 @@ __all__ = ["DATA_STEPS", "Migration", "Step", "load_migrations", "parse_migratio
 DATA_STEPS = frozenset({"encrypt_secrets", "decrypt_secrets"})
 
 _FILENAME = re.compile(r"(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.(?P<direction>up|down)\.sql")
+_DIRECTIVE_LINE = re.compile(r"--\s*tenantstore\s*:", re.IGNORECASE)
 _DIRECTIVE = re.compile(r"--\s*tenantstore:\s*(?P<word>[a-z-]+)(?:\s+(?P<arg>\S+))?\s*$")
 
 
@@ -67,9 +68,13 @@ def parse_step(filename: str, text: str) -> Step:
     drops: list[str] = []
     data_step: str | None = None
     for lineno, line in enumerate(text.splitlines(), start=1):
+        if not _DIRECTIVE_LINE.match(line.strip()):
+            continue
+        # Any line that looks like a directive must be one: a mistyped
+        # `drops` silently ignored would skip the guard against data loss.
         match = _DIRECTIVE.match(line.strip())
         if not match:
-            continue
+            raise SqlFileError(f"malformed directive {line.strip()!r} at {filename}:{lineno}")
         word, arg = match["word"], match["arg"]
         if word == "no-transaction" and arg is None:
             transactional = False

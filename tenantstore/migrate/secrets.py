@@ -84,6 +84,9 @@ _RETRYABLE = (
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.InterfaceError,
+    # A backend killed while the connection sat idle can surface as a protocol
+    # state error on the next statement rather than as a connection error.
+    asyncpg.exceptions.InternalClientError,
     ConnectionError,
     OSError,
     TimeoutError,
