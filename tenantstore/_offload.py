@@ -1,13 +1,25 @@
 """Moving crypto off the event loop without paying a thread hop per call.
 
-One `anyio.to_thread.run_sync` hop costs ~120 µs, fifteen times the ~8 µs
-of decrypting one API key, so a hop per request halves throughput. Instead,
-`Coalescer` runs one long-lived worker in an anyio worker thread. Requests
-go into a thread-safe queue; the worker takes everything queued, runs the
-batch function once over all of it, and hands every result back to the loop
-with a single `call_soon_threadsafe`. While it works, new requests pile up and
-form the next batch: group commit for crypto. When the queue stays empty for
-`linger` seconds the worker returns, so an idle application holds no thread.
+One `anyio.to_thread.run_sync` hop costs ~120 µs, fifteen times the crypto
+of one API key, so a hop per request halves throughput. `Coalescer` instead
+keeps at most one batch in flight per event loop, group-commit style:
+
+- a request joins the loop's pending list; if no batch is in flight, the
+  list goes to the worker as one batch at the start of the next loop
+  iteration, so every request made in this iteration rides along;
+- while a batch is in flight, every request made meanwhile waits in the
+  pending list (no queue operation, no thread wake-up per request);
+- the worker runs the batch function once and hands every result back with a
+  single `call_soon_threadsafe`; on the loop, that callback resolves the
+  batch and sends whatever piled up meanwhile as the next batch.
+
+The worker is one long-lived anyio worker thread (its own `CapacityLimiter`,
+so it never takes a token from the application's default limiter). It
+returns after `linger` idle seconds, so an idle application holds no thread.
+
+Measured in a trial on this kind of machine (100 clients, pool of 10):
+handing every request to the worker as it came gave ~2.7 decrypts per hop;
+one batch in flight per loop gives several times more.
 """
 
 from __future__ import annotations
@@ -15,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import anyio
@@ -39,97 +52,122 @@ class CoalescerStats:
     workers_started: int = 0
 
 
+@dataclass(slots=True)
+class _LoopState(Generic[T, R]):
+    """Per event loop: requests waiting for the next batch, and whether one is in flight."""
+
+    pending: list[_Request[T, R]] = field(default_factory=list)
+    in_flight: bool = False
+    flush_scheduled: bool = False
+
+
 class Coalescer(Generic[T, R]):
     """Run `batch_fn` in a worker thread over everything requested meanwhile.
 
     Args:
         batch_fn: a synchronous function mapping a list of inputs to a list of
-            outputs of the same length, in order. It must not raise for one
-            bad item (return a marker instead); an exception fails the whole batch.
+            outputs of the same length, in order. It should not raise for one
+            bad item (return a marker instead): an exception fails its whole batch.
         linger: seconds the idle worker waits for more work before returning.
     """
 
-    def __init__(self, batch_fn: Callable[[list[T]], list[R]], *, linger: float = 0.05) -> None:
+    def __init__(self, batch_fn: Callable[[list[T]], list[R]], *, linger: float = 0.25) -> None:
         self._batch_fn = batch_fn
         self._linger = linger
-        self._queue: queue.SimpleQueue[_Request[T, R]] = queue.SimpleQueue()
-        # Guards the hand-over between "worker decides to exit" and "loop
-        # enqueues expecting a live worker", so no request is ever stranded.
+        self._inbox: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, list[_Request[T, R]]]]
+        self._inbox = queue.SimpleQueue()
+        # Guards the hand-over between "the worker decides to exit" and "the
+        # loop sends a batch expecting a live worker", so no batch is stranded.
         self._lock = threading.Lock()
         self._worker_alive = False
-        self._worker_task: asyncio.Task[None] | None = None
+        self._worker_tasks: set[asyncio.Task[None]] = set()
+        # Per loop, dropped with the loop: a repository may outlive a loop (tests).
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState[T, R]]
+        self._loops = weakref.WeakKeyDictionary()
         self.stats = CoalescerStats()
 
     async def run(self, items: Sequence[T]) -> list[R]:
         """Process `items` in the worker thread, batched with concurrent requests."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[R]] = loop.create_future()
+        state = self._loops.get(loop)
+        if state is None:
+            state = self._loops[loop] = _LoopState()
+        state.pending.append((items, future))
         self.stats.requests += 1
+        self._schedule_flush(loop, state)
+        return await future
+
+    def _schedule_flush(self, loop: asyncio.AbstractEventLoop, state: _LoopState[T, R]) -> None:
+        # Send at the start of the next loop iteration rather than now, so every
+        # request made during this iteration (one per query result that came
+        # in) joins the batch. It costs no latency: the worker could not take
+        # the GIL before the loop yields it anyway.
+        if not state.in_flight and not state.flush_scheduled:
+            state.flush_scheduled = True
+            loop.call_soon(self._flush, loop, state)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop, state: _LoopState[T, R]) -> None:
+        state.flush_scheduled = False
+        if not state.in_flight and state.pending:
+            self._send(loop, state)
+
+    def _send(self, loop: asyncio.AbstractEventLoop, state: _LoopState[T, R]) -> None:
+        """On the loop: hand every pending request to the worker as one batch."""
+        batch, state.pending = state.pending, []
+        state.in_flight = True
         with self._lock:
-            self._queue.put((items, future))
+            self._inbox.put((loop, batch))
             start = not self._worker_alive
             self._worker_alive = True
         if start:
-            self._start_worker(loop)
-        return await future
-
-    def _start_worker(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.stats.workers_started += 1
-        # A limiter of its own: the long-lived worker never takes one of the
-        # 40 tokens of anyio's default limiter away from the application.
-        limiter = anyio.CapacityLimiter(1)
-        self._worker_task = loop.create_task(anyio.to_thread.run_sync(self._work, limiter=limiter))
+            self.stats.workers_started += 1
+            limiter = anyio.CapacityLimiter(1)
+            task = loop.create_task(anyio.to_thread.run_sync(self._work, limiter=limiter))
+            self._worker_tasks.add(task)
+            task.add_done_callback(self._worker_tasks.discard)
 
     def _work(self) -> None:
-        """The worker thread: drain, compute, resolve in one loop callback; repeat."""
+        """The worker thread: take a batch, compute, hand results back; until idle."""
         while True:
             try:
-                first = self._queue.get(timeout=self._linger)
+                loop, batch = self._inbox.get(timeout=self._linger)
             except queue.Empty:
                 with self._lock:
-                    if self._queue.empty():
+                    if self._inbox.empty():
                         self._worker_alive = False
                         return
                 continue
-            requests = [first]
-            while True:
-                try:
-                    requests.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            flat: list[T] = [item for items, _ in requests for item in items]
+            flat: list[T] = [item for items, _ in batch for item in items]
             try:
                 outcome: list[R] | BaseException = self._batch_fn(flat)
             except Exception as exc:
                 outcome = exc
             self.stats.batches += 1
-            _hand_back(requests, outcome)
+            try:
+                loop.call_soon_threadsafe(self._done, loop, batch, outcome)
+            except RuntimeError:
+                pass  # that loop is closed: nobody there is waiting any more
 
-
-def _hand_back(requests: list[_Request[T, R]], outcome: list[R] | BaseException) -> None:
-    """From the worker: one `call_soon_threadsafe` per event loop that is waiting.
-
-    Requests normally all come from one loop; grouping by loop keeps a
-    repository shared across loops (one per test, say) correct.
-    """
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[int, _Request[T, R]]]] = {}
-    offset = 0
-    for request in requests:
-        by_loop.setdefault(request[1].get_loop(), []).append((offset, request))
-        offset += len(request[0])
-    for loop, group in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_resolve, group, outcome)
-        except RuntimeError:
-            pass  # that loop is closed: nobody there is waiting any more
-
-
-def _resolve(group: list[tuple[int, _Request[T, R]]], outcome: list[R] | BaseException) -> None:
-    """On the loop: give each waiting request its slice of the batch's results."""
-    for offset, (items, future) in group:
-        if future.done():  # a cancelled caller just gets nothing
-            continue
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome[offset : offset + len(items)])
+    def _done(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[_Request[T, R]],
+        outcome: list[R] | BaseException,
+    ) -> None:
+        """On the loop: resolve the batch, then send what piled up meanwhile."""
+        offset = 0
+        for items, future in batch:
+            end = offset + len(items)
+            if not future.done():  # a cancelled caller just gets nothing
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome[offset:end])
+            offset = end
+        state = self._loops.get(loop)
+        if state is None:
+            return
+        state.in_flight = False
+        if state.pending:
+            self._schedule_flush(loop, state)

@@ -332,7 +332,7 @@ async def test_concurrent_gets_share_few_thread_hops(database_url: str, keyring:
         ]
         stats = repo.decryptor.stats
         assert stats.requests == 200
-        assert stats.batches <= 50, stats
+        assert stats.batches <= 66, stats  # >= 3 decrypts per hop; a hop per call is 200
     finally:
         await pool.close()
 
