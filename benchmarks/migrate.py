@@ -43,7 +43,8 @@ from tenantstore.encryption import generate_encryption_key
 from tenantstore.migrate import encrypt_secrets, upgrade
 from tenantstore.migrate.secrets import DEFAULT_BATCH_SIZE
 
-KEY_ENV = "TENANTSTORE_BENCH_KEY"  # the scratch key reaches children here, not on argv
+# The scratch key and URL (which may hold a password) reach children here, not on argv.
+KEY_ENV, URL_ENV = "TENANTSTORE_BENCH_KEY", "TENANTSTORE_BENCH_URL"
 SAMPLE = 1000
 _Q = {name: query.sql for name, query in load_queries("secrets.sql").items()}
 
@@ -165,15 +166,13 @@ async def variant_b(env: Env, meter: Meter) -> None:
     fernet = Fernet(env.key)
     async with env.pool.acquire() as conn:
         with meter:
-            last, rows = "", [("", "")] * env.plain_batch
-            while len(rows) == env.plain_batch:
-                rows = await conn.fetch(PAGE, last, env.plain_batch)
-                if rows:
-                    ids = [row[0] for row in rows]
-                    await conn.execute(
-                        UPDATE_UNNEST, ids, _fernet_encrypt(fernet, [r[1] for r in rows])
-                    )
-                    last = ids[-1]
+            rows = await conn.fetch(PAGE, "", env.plain_batch)
+            while rows:
+                ids = [row[0] for row in rows]
+                tokens = _fernet_encrypt(fernet, [row[1] for row in rows])
+                await conn.execute(UPDATE_UNNEST, ids, tokens)
+                full = len(rows) == env.plain_batch
+                rows = await conn.fetch(PAGE, ids[-1], env.plain_batch) if full else []
 
 
 async def variant_c(env: Env, meter: Meter) -> None:
@@ -277,7 +276,7 @@ async def child(args: argparse.Namespace) -> Result:
     """Run one variant against the prepared `tenants` table; return what it measured."""
     result = Result(args.variant, args.rows)
     # One connection: the runner's only backend is the one whose CPU we read.
-    async with asyncpg.create_pool(args.scratch_url, min_size=1, max_size=1) as pool:
+    async with asyncpg.create_pool(os.environ[URL_ENV], min_size=1, max_size=1) as pool:
         env = Env(pool, os.environ[KEY_ENV], args.rows, args.batch_size, args.plain_batch_size,
                   random.Random(args.seed))  # fmt: skip
         crypto_only = args.variant in ("d1", "d2")
@@ -311,11 +310,12 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Result]:
                     for statement in CLONE:
                         await conn.execute(statement, *([rows] if "$1" in statement else []))
                 command = [sys.executable, __file__, "--variant", variant, "--rows", str(rows),
-                           "--scratch-url", scratch, "--batch-size", str(args.batch_size),
-                           "--plain-batch-size", str(args.plain_batch_size),
-                           "--seed", str(args.seed)]  # fmt: skip
+                           "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+                           "--plain-batch-size", str(args.plain_batch_size)]  # fmt: skip
                 proc = await asyncio.create_subprocess_exec(
-                    *command, stdout=asyncio.subprocess.PIPE, env={**os.environ, KEY_ENV: key}
+                    *command,
+                    stdout=asyncio.subprocess.PIPE,
+                    env={**os.environ, KEY_ENV: key, URL_ENV: scratch},
                 )
                 out, _ = await proc.communicate()
                 if proc.returncode:
@@ -375,7 +375,7 @@ def format_text(results: dict[str, Result], args: argparse.Namespace) -> str:
 
 def format_json(results: dict[str, Result], args: argparse.Namespace) -> str:
     report = {
-        "config": {k: v for k, v in vars(args).items() if k not in ("database_url", "scratch_url")},
+        "config": {k: v for k, v in vars(args).items() if k not in ("database_url", "variant")},
         "variants": {name: {**asdict(r), "rows_per_s": r.rate} for name, r in results.items()},
         "ratios": {
             name: {"value": value, "target": f"{op} {target}", "ok": ok}
@@ -396,7 +396,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-format", choices=["text", "json"], default="text")
     # Internal: how the parent runs one variant in a child process.
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
-    parser.add_argument("--scratch-url", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("rows", "baseline_rows", "batch_size", "plain_batch_size"):
         if getattr(args, name) < 1:

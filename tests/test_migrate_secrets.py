@@ -413,3 +413,49 @@ async def test_cli_progress_is_logged_when_not_on_a_terminal(
         out.strip()
         == "Verification complete: 100 current key, 0 previous key, 0 plaintext, 0 undecryptable"
     )
+
+
+async def test_cli_draws_a_progress_bar_on_a_terminal(
+    database_url: str, table: asyncpg.Pool, key: str, tmp_path: Path
+) -> None:
+    """On a terminal stderr gets a tqdm bar with rows done / total and a rate."""
+    import pty
+
+    await fill(table, [api_key(i) for i in range(300)])
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block; waiting is threaded
+        [sys.executable, "-m", "tenantstore.migrate", "encrypt", "--batch-size", "50",
+         "--database-url", database_url],
+        env={**os.environ, "ENCRYPTION_KEY": key},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        text=True,
+    )  # fmt: skip
+    os.close(terminal)
+    out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0
+    assert "300/300" in screen and "rows/s" in screen
+    assert out.strip() == "Migration complete: 300 keys encrypted, 0 already encrypted"
+
+
+async def test_database_url_option_overrides_the_environment(
+    database_url: str, table: asyncpg.Pool, key: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.setenv("ENCRYPTION_KEY", key)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@/nowhere?host=/nonexistent")
+    assert await asyncio.to_thread(main, ["verify", "--database-url", database_url]) == 0
+    assert await asyncio.to_thread(main, ["verify"]) == 1
+    assert "nowhere" in capsys.readouterr().err

@@ -8,6 +8,7 @@ pure function `format_progress`.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -73,7 +74,17 @@ class TqdmProgress:
     """A tqdm bar on stderr: rows done / total, rows per second and ETA."""
 
     def __init__(self, label: str, *, file: TextIO | None = None) -> None:
-        self.bar = tqdm(desc=label, unit="rows", unit_scale=True, file=file or sys.stderr)
+        file = file or sys.stderr
+        # A terminal reporting a zero size (a bare pty) would hide the bar: assume 80x24.
+        sized = _columns(file) > 0
+        self.bar = tqdm(
+            desc=label,
+            unit="rows",
+            unit_scale=True,
+            file=file,
+            ncols=None if sized else 80,
+            nrows=None if sized else 24,
+        )
         self.seen = 0
 
     def __call__(self, done: int, total: int) -> None:
@@ -84,6 +95,13 @@ class TqdmProgress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _columns(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, AttributeError, ValueError):
+        return 0
 
 
 class _NoProgress:
