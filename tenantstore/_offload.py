@@ -35,6 +35,14 @@ from typing import Generic, TypeVar
 import anyio
 import anyio.to_thread
 
+try:
+    # anyio imports its asyncio backend on the first worker-thread call; that
+    # import takes 0.1-0.25 s and would stall the event loop on the first
+    # request. Pay it here, at import time, instead.
+    import anyio._backends._asyncio
+except ImportError:  # pragma: no cover - a later anyio may move it; only the stall returns
+    pass
+
 __all__ = ["Coalescer", "CoalescerStats"]
 
 T = TypeVar("T")
