@@ -234,7 +234,8 @@ async def variant_d3(env: Env, meter: Meter) -> None:
             while page:
                 ids = [row[0] for row in page]
                 new = [tokens[i] for i in ids]
-                await conn.execute(_Q["write_batch"], ids, [row[1] for row in page], new)
+                old = [row[1] for row in page]
+                await conn.execute(_Q["write_batch"], ids, old, new, ids[0], ids[-1])
                 if len(page) < size:
                     break
                 page = await conn.fetch(_Q["next_page"], size, *everyone, ids[-1])

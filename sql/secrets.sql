@@ -28,8 +28,14 @@ LIMIT $1;
 -- Store new values for a batch in one statement (one short transaction), each
 -- guarded by compare-and-swap on the value read: a row the application changed
 -- meanwhile is left alone and counted as changed concurrently.
+-- $4 and $5 are the batch's first and last tenant_id. They change no result but
+-- bound the index scan: without them a custom plan (asyncpg's first five
+-- executions, or every one behind PgBouncer) merge-joins from the start of the
+-- table, and a pass over the table turns quadratic.
 UPDATE tenants AS t
 SET gemini_api_key = u.new
 FROM unnest($1::text[], $2::text[], $3::text[]) AS u (tenant_id, old, new)
 WHERE t.tenant_id = u.tenant_id
-  AND t.gemini_api_key = u.old;
+  AND t.gemini_api_key = u.old
+  AND t.tenant_id >= $4
+  AND t.tenant_id <= $5;

@@ -325,7 +325,9 @@ class _Runner:
     async def _write(self, conn: AnyConnection, batch: _Batch) -> None:
         if not batch.ids:
             return
-        status = await conn.execute(_Q["write_batch"], batch.ids, batch.old, batch.new)
+        status = await conn.execute(
+            _Q["write_batch"], batch.ids, batch.old, batch.new, batch.ids[0], batch.ids[-1]
+        )
         written = int(status.rsplit(" ", 1)[1])
         self.report.changed_concurrently += len(batch.ids) - written
         self.report.changed += written
