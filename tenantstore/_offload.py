@@ -4,9 +4,10 @@ One `anyio.to_thread.run_sync` hop costs ~120 µs, fifteen times the crypto
 of one API key, so a hop per request halves throughput. `Coalescer` instead
 keeps at most one batch in flight per event loop, group-commit style:
 
-- a request joins the loop's pending list; if no batch is in flight, the
-  list goes to the worker as one batch at the start of the next loop
-  iteration, so every request made in this iteration rides along;
+- a request joins the loop's pending list; when no batch is in flight, the
+  list goes to the worker as one batch at the next loop iteration, once every
+  caller that announced a request (its query is still running) has made it,
+  or enough have, or after `max_wait` at the most;
 - while a batch is in flight, every request made meanwhile waits in the
   pending list (no queue operation, no thread wake-up per request);
 - the worker runs the batch function once and hands every result back with a
@@ -30,7 +31,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -43,7 +44,7 @@ try:
 except ImportError:  # pragma: no cover - a later anyio may move it; only the stall returns
     pass
 
-__all__ = ["Coalescer", "CoalescerStats"]
+__all__ = ["Coalescer", "CoalescerStats", "Ticket"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -62,26 +63,70 @@ class CoalescerStats:
 
 @dataclass(slots=True)
 class _LoopState(Generic[T, R]):
-    """Per event loop: requests waiting for the next batch, and whether one is in flight."""
+    """Per event loop: requests waiting for the next batch, and what is on its way."""
 
     pending: list[_Request[T, R]] = field(default_factory=list)
     in_flight: bool = False
-    flush_scheduled: bool = False
+    announced: int = 0  # callers that said a request is coming and have not made it yet
+    soon: asyncio.Handle | None = None  # the flush at the next loop iteration
+    timer: asyncio.TimerHandle | None = None  # the flush at the latest, `max_wait` after
+
+
+class Ticket:
+    """An announced request: see `Coalescer.announce`."""
+
+    __slots__ = ("coalescer", "loop", "open", "state")
+
+    def __init__(
+        self,
+        coalescer: Coalescer[Any, Any],
+        loop: asyncio.AbstractEventLoop,
+        state: _LoopState[Any, Any],
+    ) -> None:
+        self.coalescer = coalescer
+        self.loop = loop
+        self.state = state
+        self.open = True
+
+    def close(self) -> None:
+        """Withdraw the announcement if `run` did not consume it; idempotent."""
+        if self.open:
+            self.open = False
+            self.state.announced -= 1
+            self.coalescer._consider(self.loop, self.state)
 
 
 class Coalescer(Generic[T, R]):
     """Run `batch_fn` in a worker thread over everything requested meanwhile.
+
+    At most one batch per event loop is in flight. When none is, pending
+    requests go at the next loop iteration if every caller that announced a
+    request (`announce`) has made it, or `target` of them are waiting;
+    otherwise they wait for the rest, `max_wait` seconds at the most. A lone
+    caller never waits; under load a batch carries many requests, and the hop
+    (which costs far more than the crypto it carries) is shared.
 
     Args:
         batch_fn: a synchronous function mapping a list of inputs to a list of
             outputs of the same length, in order. It should not raise for one
             bad item (return a marker instead): an exception fails its whole batch.
         linger: seconds the idle worker waits for more work before returning.
+        target: pending requests that are worth a hop without waiting for more.
+        max_wait: the longest a request waits for announced ones to join it.
     """
 
-    def __init__(self, batch_fn: Callable[[list[T]], list[R]], *, linger: float = 0.25) -> None:
+    def __init__(
+        self,
+        batch_fn: Callable[[list[T]], list[R]],
+        *,
+        linger: float = 0.25,
+        target: int = 32,
+        max_wait: float = 0.004,
+    ) -> None:
         self._batch_fn = batch_fn
         self._linger = linger
+        self._target = target
+        self._max_wait = max_wait
         self._inbox: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, list[_Request[T, R]]]]
         self._inbox = queue.SimpleQueue()
         # Guards the hand-over between "the worker decides to exit" and "the
@@ -94,29 +139,56 @@ class Coalescer(Generic[T, R]):
         self._loops = weakref.WeakKeyDictionary()
         self.stats = CoalescerStats()
 
-    async def run(self, items: Sequence[T]) -> list[R]:
-        """Process `items` in the worker thread, batched with concurrent requests."""
+    def _state(self) -> tuple[asyncio.AbstractEventLoop, _LoopState[T, R]]:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[R]] = loop.create_future()
         state = self._loops.get(loop)
         if state is None:
             state = self._loops[loop] = _LoopState()
+        return loop, state
+
+    def announce(self) -> Ticket:
+        """Say that this task will probably call `run` soon (once its query returns).
+
+        Pass the ticket to `run`, and `close()` it in a `finally`: a ticket
+        closed without a `run` (cache hit, error, cancellation) withdraws the
+        announcement, so nobody waits for a request that will not come.
+        """
+        loop, state = self._state()
+        state.announced += 1
+        return Ticket(self, loop, state)
+
+    async def run(self, items: Sequence[T], *, ticket: Ticket | None = None) -> list[R]:
+        """Process `items` in the worker thread, batched with concurrent requests."""
+        loop, state = self._state()
+        if ticket is not None and ticket.open and ticket.state is state:
+            ticket.open = False
+            state.announced -= 1
+        future: asyncio.Future[list[R]] = loop.create_future()
         state.pending.append((items, future))
         self.stats.requests += 1
-        self._schedule_flush(loop, state)
+        self._consider(loop, state)
         return await future
 
-    def _schedule_flush(self, loop: asyncio.AbstractEventLoop, state: _LoopState[T, R]) -> None:
-        # Send at the start of the next loop iteration rather than now, so every
-        # request made during this iteration (one per query result that came
-        # in) joins the batch. It costs no latency: the worker could not take
-        # the GIL before the loop yields it anyway.
-        if not state.in_flight and not state.flush_scheduled:
-            state.flush_scheduled = True
-            loop.call_soon(self._flush, loop, state)
+    def _consider(self, loop: asyncio.AbstractEventLoop, state: _LoopState[T, R]) -> None:
+        """Decide when the pending requests go: next iteration, or after waiting for more."""
+        if state.in_flight or not state.pending or state.soon is not None:
+            return
+        if len(state.pending) >= min(state.announced + 1, self._target):
+            # Everyone announced is here (or enough are). Still send at the next
+            # iteration, not now: requests made during this one (one per query
+            # result that came in) join at no cost, since the worker cannot take
+            # the GIL before the loop yields it anyway.
+            state.soon = loop.call_soon(self._flush, loop, state)
+        elif state.timer is None:
+            state.timer = loop.call_later(self._max_wait, self._flush, loop, state)
 
     def _flush(self, loop: asyncio.AbstractEventLoop, state: _LoopState[T, R]) -> None:
-        state.flush_scheduled = False
+        if state.soon is not None:
+            state.soon.cancel()
+            state.soon = None
+        if state.timer is not None:
+            state.timer.cancel()
+            state.timer = None
         if not state.in_flight and state.pending:
             self._send(loop, state)
 
@@ -177,5 +249,4 @@ class Coalescer(Generic[T, R]):
         if state is None:
             return
         state.in_flight = False
-        if state.pending:
-            self._schedule_flush(loop, state)
+        self._consider(loop, state)

@@ -16,7 +16,7 @@ import anyio.to_thread
 import asyncpg
 
 from ._cache import DecryptedCache
-from ._offload import Coalescer
+from ._offload import Coalescer, Ticket
 from ._queries import load_queries
 from .encryption import KeyRing, is_encrypted
 from .errors import (
@@ -112,13 +112,19 @@ class TenantRepository:
             InvalidTenantIdError: the id cannot exist in PostgreSQL.
         """
         validate_tenant_id(tenant_id)
+        # Announce the decryption this call will probably need, so a batch about
+        # to go can wait for it under load (see Coalescer).
+        ticket = self._decryptor.announce()
         try:
-            row = await self._db.fetchrow(_Q["get_tenant"], tenant_id)
-        except _DRIVER_ERRORS as exc:
-            raise DatabaseError("get_tenant failed") from exc
-        if row is None:
-            return None
-        return (await self._to_tenants([row]))[0]
+            try:
+                row = await self._db.fetchrow(_Q["get_tenant"], tenant_id)
+            except _DRIVER_ERRORS as exc:
+                raise DatabaseError("get_tenant failed") from exc
+            if row is None:
+                return None
+            return (await self._to_tenants([row], ticket))[0]
+        finally:
+            ticket.close()
 
     async def get_tenants(self, tenant_ids: Iterable[str]) -> dict[str, Tenant]:
         """Return the known tenants among `tenant_ids`, keyed by id.
@@ -211,7 +217,7 @@ class TenantRepository:
             return plaintext
         return await anyio.to_thread.run_sync(self._keyring.encrypt, plaintext)
 
-    async def _to_tenants(self, rows: Sequence[Any]) -> list[Tenant]:
+    async def _to_tenants(self, rows: Sequence[Any], ticket: Ticket | None = None) -> list[Tenant]:
         """Turn rows into tenants, decrypting every uncached token in one worker batch."""
         cache = self._cache
         plaintexts: list[str | None] = []
@@ -234,7 +240,7 @@ class TenantRepository:
         if missing:
             tokens = [rows[index]["gemini_api_key"] for index in missing]
             for index, token, value in zip(
-                missing, tokens, await self._decryptor.run(tokens), strict=True
+                missing, tokens, await self._decryptor.run(tokens, ticket=ticket), strict=True
             ):
                 if value is None:
                     tenant_id = rows[index]["tenant_id"]
