@@ -22,8 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import TypedDict
 
 import anyio
 import anyio.to_thread
@@ -32,9 +31,10 @@ from typing_extensions import Unpack
 
 from .._queries import load_queries
 from ..db import AnyConnection
-from ..encryption import KeyRing, is_encrypted
-from ..errors import ConfigurationError, DecryptionError, MigrationError
+from ..encryption import KeyRing
+from ..errors import ConfigurationError, MigrationError
 from ._tracking import TRACK, ensure_tracking_tables
+from .plan import Batch, Operation, SecretsReport, plan_batch
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -50,7 +50,6 @@ __all__ = [
 
 logger = logging.getLogger("tenantstore")
 
-Operation = Literal["encrypt", "decrypt", "rotate", "verify"]
 ProgressCallback = Callable[[int, int], None]
 """Called after every batch with (rows done, rows in total)."""
 
@@ -91,125 +90,6 @@ _RETRYABLE = (
     OSError,
     TimeoutError,
 )
-
-
-@dataclass
-class SecretsReport:
-    """What a run did. Holds tenant ids and counts, never a secret.
-
-    `changed` is rows encrypted / decrypted / rotated; `skipped` is rows that
-    were already done (already encrypted / already plaintext / already current).
-    """
-
-    operation: Operation
-    changed: int = 0
-    skipped: int = 0
-    current: int = 0
-    previous: int = 0
-    plaintext: int = 0
-    changed_concurrently: int = 0
-    retries: int = 0
-    failed_tenant_ids: list[str] = field(default_factory=list)
-    elapsed_seconds: float = 0.0
-
-    @property
-    def failed(self) -> int:
-        """How many rows could not be processed (their ids are in `failed_tenant_ids`)."""
-        return len(self.failed_tenant_ids)
-
-    @property
-    def rows(self) -> int:
-        """Rows examined."""
-        if self.operation == "verify":
-            return self.current + self.previous + self.plaintext + self.failed
-        extra = self.plaintext if self.operation == "rotate" else 0
-        return self.changed + self.skipped + self.failed + self.changed_concurrently + extra
-
-    def as_dict(self) -> dict[str, Any]:
-        """The report as JSON-ready data."""
-        data = asdict(self)
-        data["failed"] = self.failed
-        data["rows"] = self.rows
-        return data
-
-    def summary(self) -> str:
-        """The one-line summary the CLI ends with."""
-        failed = f", {self.failed} failed" if self.failed else ""
-        if self.operation == "encrypt":
-            return (
-                f"Migration complete: {self.changed} keys encrypted, "
-                f"{self.skipped} already encrypted{failed}"
-            )
-        if self.operation == "decrypt":
-            return (
-                f"Migration complete: {self.changed} keys decrypted, "
-                f"{self.skipped} already plaintext{failed}"
-            )
-        if self.operation == "rotate":
-            return (
-                f"Rotation complete: {self.changed} keys rotated, "
-                f"{self.skipped} already current{failed}"
-            )
-        return (
-            f"Verification complete: {self.current} current key, {self.previous} previous key, "
-            f"{self.plaintext} plaintext, {self.failed} undecryptable"
-        )
-
-
-@dataclass(slots=True)
-class _Batch:
-    """The outcome of one page's crypto: what to write and what to count."""
-
-    ids: list[str] = field(default_factory=list)
-    old: list[str] = field(default_factory=list)
-    new: list[str] = field(default_factory=list)
-    skipped: int = 0
-    current: int = 0
-    previous: int = 0
-    plaintext: int = 0
-    failed: list[str] = field(default_factory=list)
-
-
-def plan_batch(operation: Operation, keyring: KeyRing, rows: list[tuple[str, str]]) -> _Batch:
-    """Decide and compute the new value of each (tenant_id, stored value): pure CPU work.
-
-    Runs in a worker thread. Tokens are recognised structurally (`is_encrypted`);
-    encrypt never decrypts, the other operations decrypt every token.
-    """
-    batch = _Batch()
-    if operation == "encrypt":
-        todo = [(tid, value) for tid, value in rows if not is_encrypted(value)]
-        batch.skipped = len(rows) - len(todo)
-        batch.ids = [tid for tid, _ in todo]
-        batch.old = [value for _, value in todo]
-        batch.new = keyring.encrypt_batch(batch.old)
-        return batch
-    for tid, value in rows:
-        if not is_encrypted(value):
-            batch.plaintext += 1
-            continue
-        try:
-            plaintext, index = keyring.decrypt_with_key_index(value)
-        except DecryptionError:
-            batch.failed.append(tid)
-            continue
-        if operation == "decrypt":
-            batch.ids.append(tid)
-            batch.old.append(value)
-            batch.new.append(plaintext)
-        elif index == 0:
-            batch.current += 1
-        else:
-            batch.previous += 1
-            if operation == "rotate":
-                batch.ids.append(tid)
-                batch.old.append(value)
-                batch.new.append(keyring.encrypt(plaintext))
-    if operation == "decrypt":
-        batch.skipped, batch.plaintext = batch.plaintext, 0
-    elif operation == "rotate":
-        batch.skipped = batch.current
-    return batch
 
 
 class _Runner:
@@ -298,7 +178,7 @@ class _Runner:
             rows = await conn.fetch(_Q["next_page"], self.batch_size, *self.shard_args, after)
         return [(row[0], row[1]) for row in rows]
 
-    def _plan(self, rows: list[tuple[str, str]]) -> asyncio.Future[_Batch]:
+    def _plan(self, rows: list[tuple[str, str]]) -> asyncio.Future[Batch]:
         return asyncio.ensure_future(
             anyio.to_thread.run_sync(plan_batch, self.operation, self.keyring, rows)
         )
@@ -322,7 +202,7 @@ class _Runner:
             if planned is not None and not planned.done():
                 await asyncio.wait([planned])  # the thread cannot be interrupted; let it end
 
-    async def _write(self, conn: AnyConnection, batch: _Batch) -> None:
+    async def _write(self, conn: AnyConnection, batch: Batch) -> None:
         if not batch.ids:
             return
         status = await conn.execute(
@@ -332,7 +212,7 @@ class _Runner:
         self.report.changed_concurrently += len(batch.ids) - written
         self.report.changed += written
 
-    def _account(self, batch: _Batch, rows: int, last_key: str) -> None:
+    def _account(self, batch: Batch, rows: int, last_key: str) -> None:
         report = self.report
         report.skipped += batch.skipped
         report.current += batch.current
