@@ -31,10 +31,11 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import anyio.to_thread
 import asyncpg
+from _common import scratch_database, server_url, with_database, worst_lag
 from cryptography.fernet import Fernet
 from sqlalchemy import DateTime, Text, Unicode, func, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
@@ -43,7 +44,6 @@ from sqlalchemy_utils import StringEncryptedType
 from sqlalchemy_utils.types.encrypted.encrypted_type import FernetEngine
 
 from tenantstore import KeyRing, TenantRepository
-from tenantstore.db import embedded_database_url, resolve_database_url
 from tenantstore.encryption import generate_encryption_key
 from tenantstore.migrate import upgrade
 
@@ -243,16 +243,6 @@ async def _drive(
     return latencies
 
 
-async def _worst_lag(stop: asyncio.Event, interval: float = 0.001) -> float:
-    """Sleep `interval` in a loop until `stop`; return the largest overshoot in seconds."""
-    worst = 0.0
-    while not stop.is_set():
-        start = time.perf_counter()
-        await asyncio.sleep(interval)
-        worst = max(worst, time.perf_counter() - start - interval)
-    return worst
-
-
 async def _verify(name: str, subject: Subject, bench: Bench) -> None:
     for tenant_id in bench.sample_ids:
         got = subject.reveal(await subject.fetch(tenant_id))
@@ -267,7 +257,7 @@ async def measure(name: str, bench: Bench) -> Result:
         await _drive(subject.fetch, bench.warmup_ids, bench.clients)
         before = (subject.stats.requests, subject.stats.batches) if subject.stats else (0, 0)
         stop = asyncio.Event()
-        monitor = asyncio.create_task(_worst_lag(stop))
+        monitor = asyncio.create_task(worst_lag(stop))
         await asyncio.sleep(0.01)  # let the monitor take its first step
         cpu, wall = time.process_time(), time.perf_counter()
         latencies = await _drive(subject.fetch, bench.measured_ids, bench.clients)
@@ -288,12 +278,6 @@ async def measure(name: str, bench: Bench) -> Result:
 
 
 # -- the database -----------------------------------------------------------------
-
-
-def _with_database(url: str, database: str, scheme: str | None = None) -> str:
-    """`url` pointing at another database (and optionally another scheme), all else kept."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(scheme=scheme or parts.scheme, path=f"/{database}"))
 
 
 def _api_key(rng: random.Random) -> str:
@@ -325,31 +309,15 @@ async def fill(url: str, sa_url: str, key: str, plaintexts: dict[str, str]) -> N
         await engine.dispose()
 
 
-@asynccontextmanager
-async def scratch_database(server_url: str) -> AsyncIterator[str]:
-    """Create `tenantstore_bench_<pid>` on the server, yield its URL, drop it afterwards."""
-    name = f"tenantstore_bench_{os.getpid()}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield _with_database(server_url, name)
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
 # -- the run and its report ---------------------------------------------------------
 
 
-async def run(args: argparse.Namespace, server_url: str) -> dict[str, Summary]:
+async def run(args: argparse.Namespace, server: str) -> dict[str, Summary]:
     rng = random.Random(args.seed)
     plaintexts = {f"tenant-{i:06d}": _api_key(rng) for i in range(args.tenants)}
     ids = list(plaintexts)
-    async with scratch_database(server_url) as url:
-        sa_url = _with_database(url, urlsplit(url).path[1:], scheme="postgresql+asyncpg")
+    async with scratch_database(server) as url:
+        sa_url = with_database(url, urlsplit(url).path[1:], scheme="postgresql+asyncpg")
         bench = Bench(
             url=url,
             sa_url=sa_url,
@@ -465,8 +433,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    server_url = resolve_database_url(args.database_url) or embedded_database_url()
-    summaries = asyncio.run(run(args, server_url))
+    summaries = asyncio.run(run(args, server_url(args.database_url)))
     print(
         format_json(summaries, args)
         if args.output_format == "json"
