@@ -351,25 +351,25 @@ async def test_kill_9_mid_run_then_rerun_completes_without_damage(
     assert [ring.decrypt(stored[f"t{i:07d}"]) for i in range(len(values))] == values  # type: ignore[arg-type]
 
 
+async def run_together(
+    commands: list[list[str]], url: str, key: str, cwd: Path
+) -> list[dict[str, int]]:
+    """Start runner processes at once; wait for all; return their JSON reports."""
+    env = {"ENCRYPTION_KEY": key}
+    runners = [spawn(["encrypt", "--json", *args], url, env, cwd) for args in commands]
+    outputs = [await asyncio.to_thread(r.communicate, timeout=180) for r in runners]
+    assert [r.returncode for r in runners] == [0] * len(runners), [err for _, err in outputs]
+    return [json.loads(out) for out, _ in outputs]
+
+
 @pytest.mark.slow
 async def test_two_runner_processes_split_the_table_by_shard(
     database_url: str, table: asyncpg.Pool, key: str, tmp_path: Path
 ) -> None:
     values = [api_key(i) for i in range(20_000)]
     await fill(table, values)  # type: ignore[arg-type]
-    env = {"ENCRYPTION_KEY": key}
-    runners = [
-        spawn(
-            ["encrypt", "--json", "--shard", f"{i}/2", "--batch-size", "500"],
-            database_url,
-            env,
-            tmp_path,
-        )
-        for i in range(2)
-    ]
-    outputs = [await asyncio.to_thread(r.communicate, timeout=180) for r in runners]
-    assert [r.returncode for r in runners] == [0, 0], [err for _, err in outputs]
-    reports = [json.loads(out) for out, _ in outputs]
+    shards = [["--shard", f"{i}/2", "--batch-size", "500"] for i in range(2)]
+    reports = await run_together(shards, database_url, key, tmp_path)
     assert sum(r["changed"] for r in reports) == len(values)
     assert all(r["skipped"] == 0 and r["changed_concurrently"] == 0 for r in reports)
     ring = KeyRing(key)
@@ -383,14 +383,8 @@ async def test_two_unsharded_runners_at_once_never_double_encrypt(
 ) -> None:
     values = [api_key(i) for i in range(20_000)]
     await fill(table, values)  # type: ignore[arg-type]
-    env = {"ENCRYPTION_KEY": key}
-    runners = [
-        spawn(["encrypt", "--json", "--batch-size", "500"], database_url, env, tmp_path)
-        for _ in range(2)
-    ]
-    outputs = [await asyncio.to_thread(r.communicate, timeout=180) for r in runners]
-    assert [r.returncode for r in runners] == [0, 0], [err for _, err in outputs]
-    reports = [json.loads(out) for out, _ in outputs]
+    same = [["--batch-size", "500"], ["--batch-size", "500"]]
+    reports = await run_together(same, database_url, key, tmp_path)
     assert sum(r["changed"] for r in reports) == len(values)
     ring = KeyRing(key)
     stored = await contents(table)

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 from typing_extensions import Unpack
@@ -34,6 +35,8 @@ from ..errors import (
 from ._tracking import TRACK, ensure_tracking_tables
 from .files import Migration, Step, load_migrations
 from .secrets import RunOptions, SecretsReport, decrypt_secrets, encrypt_secrets
+
+_DATA_STEPS = {"encrypt_secrets": encrypt_secrets, "decrypt_secrets": decrypt_secrets}
 
 __all__ = [
     "LOCK_ID",
@@ -173,37 +176,42 @@ async def upgrade(
             ]
             if keyring is None and any(m.up.data_step for m in pending):
                 raise EncryptionKeyMissingError()
-            for migration in pending:
-                await _apply(conn, pool, keyring, migration, report, options)
+            for m in pending:
+                logger.info("Applying %s", m.label)
+                record = (TRACK["record_migration"], m.version, m.name, m.checksum)
+                await _run_step(conn, pool, keyring, m.label, m.up, record, report, options)
             report.version = max(done | {m.version for m in pending}, default=0)
         finally:
             await conn.fetchval(TRACK["unlock"], LOCK_ID)
     return report
 
 
-async def _apply(
+async def _run_step(
     conn: AnyConnection,
     pool: asyncpg.Pool,
     keyring: KeyRing | None,
-    migration: Migration,
+    label: str,
+    step: Step,
+    tracking: tuple[Any, ...],
     report: MigrationReport,
     options: RunOptions,
 ) -> None:
-    logger.info("Applying %s", migration.label)
-    record = (TRACK["record_migration"], migration.version, migration.name, migration.checksum)
-    if migration.up.data_step:
-        assert keyring is not None
-        data = await encrypt_secrets(pool, keyring, **options)
+    """Run one step, SQL or data, then its `tracking` statement; record it in `report`."""
+    if step.data_step:
+        assert keyring is not None  # checked before the first step ran
+        if step.data_step == "decrypt_secrets":
+            logger.warning("Decrypting every secret: they will be stored in PLAINTEXT")
+        data = await _DATA_STEPS[step.data_step](pool, keyring, **options)
         report.data.append(data)
         if data.failed_tenant_ids:
-            raise MigrationError(f"{migration.label}: {data.summary()}")
-        await conn.execute(*record)
+            raise MigrationError(f"{label}: {data.summary()}")
+        await conn.execute(*tracking)
     else:
         try:
-            await _run_sql(conn, migration.up, *record)
+            await _run_sql(conn, step, *tracking)
         except asyncpg.PostgresError as exc:
-            raise MigrationError(f"{migration.up.filename} failed: {exc}") from exc
-    report.applied.append(migration.label)
+            raise MigrationError(f"{step.filename} failed: {exc}") from exc
+    report.applied.append(label)
 
 
 async def downgrade(
@@ -239,8 +247,11 @@ async def downgrade(
             _check_checksums(list(by_version.values()), applied)
             chosen = [by_version[row.version] for row in reversed(applied)][:steps]
             await _check_down(conn, chosen, keyring, confirm=confirm)
-            for migration in chosen:
-                await _revert(conn, pool, keyring, migration, report, options)
+            for m in chosen:
+                assert m.down is not None  # checked by _check_down
+                logger.info("Reverting %s", m.label)
+                forget = (TRACK["forget_migration"], m.version)
+                await _run_step(conn, pool, keyring, m.label, m.down, forget, report, options)
             remaining = {row.version for row in applied} - {m.version for m in chosen}
             report.version = max(remaining, default=0)
         finally:
@@ -266,34 +277,6 @@ async def _check_down(
             rows = await conn.fetchval(TRACK["table_row_count"], table)
             if rows and not confirm:
                 raise DestructiveMigrationError(down.filename, table, rows)
-
-
-async def _revert(
-    conn: AnyConnection,
-    pool: asyncpg.Pool,
-    keyring: KeyRing | None,
-    migration: Migration,
-    report: MigrationReport,
-    options: RunOptions,
-) -> None:
-    down = migration.down
-    assert down is not None
-    logger.info("Reverting %s", migration.label)
-    forget = (TRACK["forget_migration"], migration.version)
-    if down.data_step:
-        assert keyring is not None
-        logger.warning("Decrypting every secret: they will be stored in PLAINTEXT")
-        data = await decrypt_secrets(pool, keyring, **options)
-        report.data.append(data)
-        if data.failed_tenant_ids:
-            raise MigrationError(f"{migration.label}: {data.summary()}")
-        await conn.execute(*forget)
-    else:
-        try:
-            await _run_sql(conn, down, *forget)
-        except asyncpg.PostgresError as exc:
-            raise MigrationError(f"{down.filename} failed: {exc}") from exc
-    report.applied.append(migration.label)
 
 
 async def migration_status(
