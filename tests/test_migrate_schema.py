@@ -149,6 +149,22 @@ async def test_concurrent_upgrades_in_process_apply_once(
             await p.close()  # type: ignore[union-attr]
 
 
+async def test_lock_held_on_a_dedicated_connection_is_released_after_the_run(
+    pool: asyncpg.Pool, database_url: str, keyring: KeyRing
+) -> None:
+    lock = await asyncpg.connect(database_url)
+    try:
+        report = await upgrade(pool, keyring, connection=lock)
+        assert report.version == 2
+        held = await pool.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1",
+            lock.get_server_pid(),
+        )
+        assert held == 0
+    finally:
+        await lock.close()
+
+
 async def test_adopts_an_existing_plaintext_table_without_changing_rows(
     pool: asyncpg.Pool, keyring: KeyRing
 ) -> None:
@@ -264,3 +280,23 @@ async def test_two_concurrent_cli_runners_apply_each_migration_once(
         "INFO Applying 0002_encrypt_gemini_api_keys",
     ]
     assert await versions(pool) == [1, 2]
+
+
+@pytest.mark.slow
+def test_embedded_default_starts_without_database_url(tmp_path: Path, key: str) -> None:
+    """No DATABASE_URL: a PostgreSQL of our own under ./.tenantstore, its location logged."""
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["ENCRYPTION_KEY"] = key
+    for _ in range(2):  # the second run reuses the data directory
+        result = subprocess.run(
+            [sys.executable, "-m", "tenantstore.migrate", "up"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert result.returncode == 0, result.stderr
+        assert f"embedded development PostgreSQL in {tmp_path}/.tenantstore/pgdata" in result.stderr
+    assert (tmp_path / ".tenantstore" / "pgdata" / "PG_VERSION").exists()
+    assert result.stdout.strip() == "Nothing to do: schema is at version 2"

@@ -15,9 +15,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import anyio.to_thread
 import asyncpg
 
-from ..db import create_pool
+from ..db import create_pool, embedded_database_url, resolve_database_url
 from ..encryption import KeyRing
 from ..errors import (
     ConfigurationError,
@@ -142,12 +143,11 @@ def _report_data(report: MigrationReport | SecretsReport | StatusReport) -> dict
 
 
 async def _run(args: argparse.Namespace, keyring: KeyRing | None) -> int:
-    pool = await create_pool(
-        args.database_url,
-        min_size=1,
-        max_size=3,
-        server_settings={"application_name": "tenantstore-migrate"},
-    )
+    url = resolve_database_url(args.database_url)
+    if url is None:
+        url = await anyio.to_thread.run_sync(embedded_database_url)
+    settings = {"application_name": "tenantstore-migrate"}
+    pool = await create_pool(url, min_size=1, max_size=3, server_settings=settings)
     progress = make_progress(args.command, "none" if args.quiet or args.json else "auto")
     options: dict[str, Any] = {
         "batch_size": args.batch_size,
@@ -156,12 +156,23 @@ async def _run(args: argparse.Namespace, keyring: KeyRing | None) -> int:
     }
     try:
         report: MigrationReport | SecretsReport | StatusReport
-        if args.command == "up":
-            report = await upgrade(pool, keyring, target=args.to, **options)
-        elif args.command == "down":
-            if keyring is not None:
-                logger.warning("Migrating down may store secrets in PLAINTEXT again")
-            report = await downgrade(pool, keyring, steps=args.steps, confirm=args.yes, **options)
+        if args.command in ("up", "down"):
+            # The schema runner's advisory lock lives on a connection of its own.
+            lock = await asyncpg.connect(url, server_settings=settings)
+            try:
+                if args.command == "up":
+                    report = await upgrade(
+                        pool, keyring, target=args.to, connection=lock, **options
+                    )
+                else:
+                    if keyring is not None:
+                        logger.warning("Migrating down may store secrets in PLAINTEXT again")
+                    report = await downgrade(
+                        pool, keyring, steps=args.steps, confirm=args.yes, connection=lock,
+                        **options,
+                    )  # fmt: skip
+            finally:
+                await lock.close()
         elif args.command == "status":
             report = await migration_status(pool)
             if keyring is not None and "0001_create_tenants" not in report.pending:

@@ -1,8 +1,9 @@
 """The schema runner: apply and revert numbered migrations, report status.
 
 `upgrade` and `downgrade` hold a PostgreSQL session-level advisory lock for
-the whole run, on one connection taken from the pool and kept until the lock
-is released explicitly. (A lock taken through `pool.fetchval` would be lost at
+the whole run, on one dedicated connection (the CLI opens its own; from
+Python, pass `connection=` or one is taken from the pool and kept until the
+lock is released explicitly). (A lock taken through `pool.fetchval` would be lost at
 once: the pool's release resets the session with `pg_advisory_unlock_all()`.
 A transaction-level lock would keep a transaction open and block `CREATE
 INDEX CONCURRENTLY`.) A second runner started meanwhile waits, then finds
@@ -16,7 +17,8 @@ row, so a failure leaves nothing half-applied.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -132,6 +134,22 @@ async def _run_sql(conn: AnyConnection, step: Step, record: str, *args: object) 
         await conn.execute(record, *args)
 
 
+@asynccontextmanager
+async def _lock_connection(
+    pool: asyncpg.Pool, connection: asyncpg.Connection | None
+) -> AsyncIterator[AnyConnection]:
+    """The connection that holds the advisory lock: the caller's own, or one held from the pool.
+
+    One taken from the pool is kept for the whole run and unlocked explicitly
+    before it goes back, so the pool's reset never runs while we hold the lock.
+    """
+    if connection is not None:
+        yield connection
+        return
+    async with pool.acquire() as conn:
+        yield conn
+
+
 async def _locked(conn: AnyConnection) -> None:
     if not await conn.fetchval(TRACK["try_lock"], LOCK_ID):
         logger.info("Another migration runner holds the lock; waiting for it")
@@ -144,6 +162,7 @@ async def upgrade(
     *,
     target: int | None = None,
     migrations: Sequence[Migration] | None = None,
+    connection: asyncpg.Connection | None = None,
     **options: Unpack[RunOptions],
 ) -> MigrationReport:
     """Apply pending migrations up to `target` (default: all), data steps included.
@@ -153,6 +172,8 @@ async def upgrade(
         keyring: needed when a pending migration is a data step.
         target: the version to stop at.
         migrations: the migrations to apply (default: those shipped in `sql/migrations`).
+        connection: a dedicated connection (not from `pool`) to hold the lock and
+            run the schema steps on; by default one is taken from `pool` for the run.
         **options: passed to the batch runner of a data step (see `RunOptions`).
 
     Raises:
@@ -163,7 +184,7 @@ async def upgrade(
     """
     migrations = load_migrations() if migrations is None else migrations
     report = MigrationReport("up")
-    async with pool.acquire() as conn:
+    async with _lock_connection(pool, connection) as conn:
         await _locked(conn)
         try:
             applied = await _applied(conn)
@@ -221,6 +242,7 @@ async def downgrade(
     steps: int = 1,
     confirm: bool = False,
     migrations: Sequence[Migration] | None = None,
+    connection: asyncpg.Connection | None = None,
     **options: Unpack[RunOptions],
 ) -> MigrationReport:
     """Revert the latest `steps` applied migrations, newest first.
@@ -228,6 +250,7 @@ async def downgrade(
     Args:
         confirm: allow a step that drops a table holding rows.
         migrations: the known migrations (default: those shipped in `sql/migrations`).
+        connection: as for `upgrade`.
 
     Raises:
         DestructiveMigrationError: a step would drop a table with rows and
@@ -240,7 +263,7 @@ async def downgrade(
     known = load_migrations() if migrations is None else migrations
     by_version = {m.version: m for m in known}
     report = MigrationReport("down")
-    async with pool.acquire() as conn:
+    async with _lock_connection(pool, connection) as conn:
         await _locked(conn)
         try:
             applied = await _applied(conn)
