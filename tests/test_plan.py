@@ -51,3 +51,18 @@ def test_summary_lines_are_exact_and_add_failures_only_when_there_are_some() -> 
     )
     data = SecretsReport("verify", current=1, plaintext=2).as_dict()
     assert data["rows"] == 3 and data["failed"] == 0
+
+
+def test_planning_a_page_in_slices_gives_the_same_batch(key: str, old_key: str) -> None:
+    from tenantstore.migrate.secrets import _plan_in_slices
+
+    ring = KeyRing(key, [old_key])
+    old = KeyRing(old_key)
+    rows = [(f"t{i:04d}", old.encrypt(f"v{i}") if i % 3 else f"plain{i}") for i in range(700)]
+    whole = plan_batch("rotate", ring, rows)
+    sliced = _plan_in_slices("rotate", ring, rows)
+    assert sliced.ids == whole.ids and sliced.old == whole.old
+    assert [ring.decrypt(t) for t in sliced.new] == [ring.decrypt(t) for t in whole.new]
+    counts = ("skipped", "current", "previous", "plaintext", "failed")
+    assert [getattr(sliced, c) for c in counts] == [getattr(whole, c) for c in counts]
+    assert sliced.previous == 466 and sliced.plaintext == 234

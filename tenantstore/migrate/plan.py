@@ -93,6 +93,17 @@ class Batch:
     plaintext: int = 0
     failed: list[str] = field(default_factory=list)
 
+    def extend(self, other: Batch) -> None:
+        """Append another batch's rows and counts (pages are planned in slices)."""
+        self.ids += other.ids
+        self.old += other.old
+        self.new += other.new
+        self.skipped += other.skipped
+        self.current += other.current
+        self.previous += other.previous
+        self.plaintext += other.plaintext
+        self.failed += other.failed
+
 
 def plan_batch(operation: Operation, keyring: KeyRing, rows: list[tuple[str, str]]) -> Batch:
     """Decide and compute the new value of each (tenant_id, stored value): pure CPU work.

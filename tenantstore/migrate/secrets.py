@@ -92,6 +92,24 @@ _RETRYABLE = (
 )
 
 
+_SLICE = 250
+
+
+def _plan_in_slices(operation: Operation, keyring: KeyRing, rows: list[tuple[str, str]]) -> Batch:
+    """`plan_batch` over a page, a slice at a time, in the worker thread.
+
+    Fernet holds the GIL; between slices the worker lets go of it
+    (`time.sleep(0)`), so an event loop waiting for it runs within a slice's
+    crypto (~1 ms) instead of up to a whole page's. Still one thread hop per page.
+    """
+    batch = Batch()
+    for start in range(0, len(rows), _SLICE):
+        if start:
+            time.sleep(0)
+        batch.extend(plan_batch(operation, keyring, rows[start : start + _SLICE]))
+    return batch
+
+
 class _Runner:
     """One run over the table (or one shard of it)."""
 
@@ -180,7 +198,7 @@ class _Runner:
 
     def _plan(self, rows: list[tuple[str, str]]) -> asyncio.Future[Batch]:
         return asyncio.ensure_future(
-            anyio.to_thread.run_sync(plan_batch, self.operation, self.keyring, rows)
+            anyio.to_thread.run_sync(_plan_in_slices, self.operation, self.keyring, rows)
         )
 
     async def _pipeline(self, conn: AnyConnection) -> None:
