@@ -71,6 +71,14 @@ class _LoopState(Generic[T, R]):
     announced: int = 0  # callers that said a request is coming and have not made it yet
     soon: asyncio.Handle | None = None  # the flush at the next loop iteration
     timer: asyncio.TimerHandle | None = None  # the flush at the latest, `max_wait` after
+    # The loop's own worker: batches go in `inbox`. `lock` guards the hand-over
+    # between "the worker decides to exit" and "the loop sends a batch
+    # expecting a live worker", so no batch is ever stranded. A worker per
+    # loop means a loop that ends (with its worker task not yet started)
+    # strands nothing but its own requests, which died with it.
+    inbox: queue.SimpleQueue[list[_Request[T, R]]] = field(default_factory=queue.SimpleQueue)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    worker_alive: bool = False
 
 
 class Ticket:
@@ -128,12 +136,6 @@ class Coalescer(Generic[T, R]):
         self._linger = linger
         self._target = target
         self._max_wait = max_wait
-        self._inbox: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, list[_Request[T, R]]]]
-        self._inbox = queue.SimpleQueue()
-        # Guards the hand-over between "the worker decides to exit" and "the
-        # loop sends a batch expecting a live worker", so no batch is stranded.
-        self._lock = threading.Lock()
-        self._worker_alive = False
         self._worker_tasks: set[asyncio.Task[None]] = set()
         # Per loop, dropped with the loop: a repository may outlive a loop (tests).
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState[T, R]]
@@ -197,38 +199,47 @@ class Coalescer(Generic[T, R]):
         """On the loop: hand every pending request to the worker as one batch."""
         batch, state.pending = state.pending, []
         state.in_flight = True
-        with self._lock:
-            self._inbox.put((loop, batch))
-            start = not self._worker_alive
-            self._worker_alive = True
+        with state.lock:
+            state.inbox.put(batch)
+            start = not state.worker_alive
+            state.worker_alive = True
         if start:
             self.stats.workers_started += 1
             limiter = anyio.CapacityLimiter(1)
-            task = loop.create_task(anyio.to_thread.run_sync(self._work, limiter=limiter))
+            task = loop.create_task(
+                anyio.to_thread.run_sync(self._work, loop, state, limiter=limiter)
+            )
             self._worker_tasks.add(task)
             task.add_done_callback(self._worker_tasks.discard)
 
-    def _work(self) -> None:
+    def _work(self, loop: asyncio.AbstractEventLoop, state: _LoopState[T, R]) -> None:
         """The worker thread: take a batch, compute, hand results back; until idle."""
-        while True:
-            try:
-                loop, batch = self._inbox.get(timeout=self._linger)
-            except queue.Empty:
-                with self._lock:
-                    if self._inbox.empty():
-                        self._worker_alive = False
-                        return
-                continue
-            flat: list[T] = [item for items, _ in batch for item in items]
-            try:
-                outcome: list[R] | BaseException = self._batch_fn(flat)
-            except Exception as exc:
-                outcome = exc
-            self.stats.batches += 1
-            try:
-                loop.call_soon_threadsafe(self._done, loop, batch, outcome)
-            except RuntimeError:
-                pass  # that loop is closed: nobody there is waiting any more
+        idle_exit = False
+        try:
+            while True:
+                try:
+                    batch = state.inbox.get(timeout=self._linger)
+                except queue.Empty:
+                    with state.lock:
+                        if state.inbox.empty():
+                            state.worker_alive = False
+                            idle_exit = True
+                            return
+                    continue
+                flat: list[T] = [item for items, _ in batch for item in items]
+                try:
+                    outcome: list[R] | BaseException = self._batch_fn(flat)
+                except BaseException as exc:  # handed to the callers, whatever it is
+                    outcome = exc
+                self.stats.batches += 1
+                try:
+                    loop.call_soon_threadsafe(self._done, loop, batch, outcome)
+                except RuntimeError:
+                    return  # the loop is closed: nobody there is waiting any more
+        finally:
+            if not idle_exit:  # an idle exit already said so; a successor may be alive
+                with state.lock:
+                    state.worker_alive = False
 
     def _done(
         self,

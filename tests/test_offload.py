@@ -110,3 +110,35 @@ def test_one_coalescer_serves_successive_event_loops() -> None:
     coalescer = doubler([])
     for i in range(3):
         assert asyncio.run(coalescer.run([i])) == [2 * i]
+
+
+def test_a_loop_that_ends_before_its_worker_starts_strands_nothing_elsewhere() -> None:
+    coalescer = doubler([])
+
+    async def leave_early() -> None:
+        abandoned = asyncio.ensure_future(coalescer.run([1]))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the batch is sent; its worker task has not started
+        assert not abandoned.done()
+
+    asyncio.run(leave_early())
+
+    async def later() -> list[int]:
+        return await asyncio.wait_for(coalescer.run([21]), timeout=5)
+
+    assert asyncio.run(later()) == [42]
+
+
+async def test_a_base_exception_in_the_batch_reaches_its_callers_and_the_worker_goes_on() -> None:
+    class Stop(BaseException):
+        pass
+
+    def batch(items: list[int]) -> list[int]:
+        if -1 in items:
+            raise Stop()
+        return items
+
+    coalescer = Coalescer(batch)
+    with pytest.raises(Stop):
+        await asyncio.wait_for(coalescer.run([-1]), timeout=5)
+    assert await asyncio.wait_for(coalescer.run([7]), timeout=5) == [7]
