@@ -39,3 +39,11 @@ WHERE t.tenant_id = u.tenant_id
   AND t.gemini_api_key = u.old
   AND t.tenant_id >= $4
   AND t.tenant_id <= $5;
+
+-- name: current_values
+-- The stored values of the tenants in $1 now, in keyset order: the rows a
+-- batch write found changed are read again and planned anew.
+SELECT tenant_id, gemini_api_key
+FROM tenants
+WHERE tenant_id = ANY($1::text[])
+ORDER BY tenant_id;

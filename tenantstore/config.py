@@ -62,8 +62,11 @@ def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
     except FileNotFoundError:
         return {}
     except UnicodeDecodeError:
-        # Not chained: the decode error carries the file's bytes, keys included.
-        raise ConfigurationError(f"{file} is not UTF-8 text") from None
+        text = None
+    if text is None:
+        # Raised outside the handler: the decode error carries the file's bytes,
+        # keys included, and would stay reachable as __context__.
+        raise ConfigurationError(f"{file} is not UTF-8 text")
     return parse_env_text(text, source=str(file))
 
 

@@ -70,8 +70,10 @@ def _utf8(value: str) -> bytes:
     try:
         return value.encode("utf-8")
     except UnicodeEncodeError:
-        # Not chained: the encode error carries the whole plaintext.
-        raise EncryptionError() from None
+        pass
+    # Raised outside the handler: the encode error carries the whole plaintext,
+    # and even `from None` would keep it reachable as __context__.
+    raise EncryptionError()
 
 
 def is_encrypted(value: object) -> bool:

@@ -83,10 +83,11 @@ class InvalidTenantIdError(ConfigurationError):
 
 
 class EncryptionError(TenantStoreError, ValueError):
-    """A value cannot be encrypted (it is not valid unicode); the message never shows it."""
+    """A secret cannot be encrypted or stored; the message says why, never what it is."""
 
-    def __init__(self) -> None:
-        super().__init__("Value cannot be encrypted: it is not valid unicode (lone surrogate)")
+    def __init__(self, reason: str = "it is not valid unicode (lone surrogate)") -> None:
+        self.reason = reason
+        super().__init__(f"Value cannot be encrypted: {reason}")
 
 
 class DecryptionError(TenantStoreError):

@@ -21,6 +21,7 @@ from ._queries import load_queries
 from .encryption import KeyRing, is_encrypted
 from .errors import (
     DatabaseError,
+    EncryptionError,
     InvalidTenantIdError,
     PlaintextSecretError,
     TenantDecryptionError,
@@ -213,8 +214,12 @@ class TenantRepository:
     # -- crypto --------------------------------------------------------------
 
     async def _encrypt(self, plaintext: str | None) -> str | None:
-        if not plaintext:
-            return plaintext
+        """The token to store: `None` stays NULL; anything else, `""` too, becomes a token."""
+        if plaintext is None:
+            return None
+        if "\x00" in plaintext:
+            # Storable as a token, but `migrate down` could never write it back as text.
+            raise EncryptionError("it contains a NUL character, which PostgreSQL text cannot hold")
         return await anyio.to_thread.run_sync(self._keyring.encrypt, plaintext)
 
     async def _to_tenants(self, rows: Sequence[Any], ticket: Ticket | None = None) -> list[Tenant]:

@@ -27,7 +27,6 @@ from tenantstore.migrate import (
     verify_secrets,
 )
 from tenantstore.migrate.__main__ import main
-from tenantstore.migrate.secrets import _Runner
 
 
 def api_key(i: int) -> str:
@@ -137,26 +136,78 @@ async def test_undecryptable_tokens_are_left_untouched_logged_and_reported(
     assert "secret-x" not in caplog.text and foreign not in caplog.text
 
 
+def interfere(
+    monkeypatch: pytest.MonkeyPatch, pool: asyncpg.Pool, tenant_id: str, values: list[str]
+) -> None:
+    """Make the application write `values[i]` to `tenant_id` just before the i-th batch write.
+
+    Fault injection on the real connection: the write then runs for real and
+    its compare-and-swap finds the row changed.
+    """
+    queue = list(values)
+    original_execute = asyncpg.connection.Connection.execute
+
+    async def execute(self: asyncpg.Connection, query: str, *args: object, **kw: object) -> str:
+        # Every compare-and-swap write of the batch finds the row changed again.
+        if "UPDATE tenants AS t" in query and queue:
+            await pool.execute(
+                "UPDATE tenants SET gemini_api_key = $2 WHERE tenant_id = $1",
+                tenant_id,
+                queue.pop(0),
+            )
+        return await original_execute(self, query, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "execute", execute)
+
+
 async def test_a_concurrent_application_write_is_never_overwritten(
     table: asyncpg.Pool, keyring: KeyRing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ids = await fill(table, [api_key(i) for i in range(10)])
     app_token = keyring.encrypt("written-by-the-app")
-    original_write = _Runner._write
-
-    async def write_after_the_app(self: _Runner, conn: object, batch: object) -> None:
-        # The application changes a row between the runner's read and its write.
-        await table.execute(
-            "UPDATE tenants SET gemini_api_key = $2 WHERE tenant_id = $1", ids[3], app_token
-        )
-        await original_write(self, conn, batch)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(_Runner, "_write", write_after_the_app)
+    interfere(monkeypatch, table, ids[3], [app_token])
     report = await encrypt_secrets(table, keyring)
-    assert report.changed == 9 and report.changed_concurrently == 1
+    assert (report.changed, report.skipped, report.changed_concurrently) == (9, 1, 0)
     stored = await contents(table)
     assert stored[ids[3]] == app_token
     assert keyring.decrypt(stored[ids[4]]) == api_key(4)  # type: ignore[arg-type]
+
+
+async def test_plaintext_written_during_the_run_is_encrypted_in_the_same_run(
+    table: asyncpg.Pool, keyring: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An old application version writing plaintext mid-run: the row is read again and done."""
+    ids = await fill(table, [api_key(i) for i in range(10)])
+    interfere(monkeypatch, table, ids[3], ["AIza-new-from-old-app"])
+    report = await encrypt_secrets(table, keyring)
+    assert (report.changed, report.changed_concurrently) == (10, 0)
+    assert keyring.decrypt((await contents(table))[ids[3]]) == "AIza-new-from-old-app"  # type: ignore[arg-type]
+
+
+async def test_a_row_that_keeps_changing_fails_the_data_step_unrecorded(
+    pool: asyncpg.Pool, keyring: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await upgrade(pool, keyring, target=1)
+    ids = await fill(pool, [api_key(i) for i in range(10)])
+    interfere(monkeypatch, pool, ids[3], [f"AIza-churn-{i}" for i in range(10)])
+    with pytest.raises(MigrationError, match="kept changing"):
+        await upgrade(pool, keyring)
+    assert (await migration_status(pool)).pending == ["0002_encrypt_gemini_api_keys"]
+    monkeypatch.undo()
+    report = await upgrade(pool, keyring)
+    assert report.applied == ["0002_encrypt_gemini_api_keys"]
+
+
+async def test_decrypt_leaves_a_secret_postgresql_cannot_store_encrypted(
+    table: asyncpg.Pool, keyring: KeyRing, caplog: pytest.LogCaptureFixture
+) -> None:
+    ids = await fill(table, keyring.encrypt_batch(["fine-1", "bad\x00nul", "fine-2"]))
+    with caplog.at_level(logging.ERROR, logger="tenantstore"):
+        report = await decrypt_secrets(table, keyring)
+    assert report.failed_tenant_ids == [ids[1]] and report.changed == 2
+    stored = await contents(table)
+    assert stored[ids[0]] == "fine-1" and keyring.decrypt(stored[ids[1]]) == "bad\x00nul"  # type: ignore[arg-type]
+    assert "NUL character" in caplog.text and "bad" not in caplog.text
 
 
 async def test_terminated_backend_is_retried_and_the_run_finishes(

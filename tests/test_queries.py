@@ -159,6 +159,7 @@ def test_load_secrets_and_tracking_sql_have_the_runner_queries() -> None:
         "first_page",
         "next_page",
         "write_batch",
+        "current_values",
     }
     assert {"create_migrations_table", "table_row_count", "try_lock", "last_runs"} <= set(
         load_queries("tracking.sql")

@@ -13,6 +13,7 @@ from cryptography.fernet import Fernet
 
 from tenantstore import (
     DatabaseError,
+    EncryptionError,
     InvalidTenantIdError,
     KeyRing,
     PlaintextSecretError,
@@ -416,3 +417,17 @@ async def test_create_pool_passes_asyncpg_options_through(database_url: str) -> 
         assert len(resets) == 1
     finally:
         await pool.close()
+
+
+async def test_secrets_are_always_stored_as_tokens_and_nul_is_refused(
+    repo: TenantRepository, schema: asyncpg.Pool
+) -> None:
+    await repo.create_tenant("empty", "Empty", gemini_api_key="")
+    assert is_encrypted(await stored(schema, "empty"))
+    tenant = await repo.get_tenant("empty")
+    assert tenant is not None and tenant.gemini_api_key is not None
+    assert tenant.gemini_api_key.get_secret_value() == ""
+    with pytest.raises(EncryptionError, match="NUL") as info:
+        await repo.set_gemini_api_key("empty", "AIza\x00secret")
+    assert "secret" not in str(info.value)
+    assert is_encrypted(await stored(schema, "empty"))

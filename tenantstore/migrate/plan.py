@@ -38,7 +38,8 @@ class SecretsReport:
 
     @property
     def failed(self) -> int:
-        """How many rows could not be processed (their ids are in `failed_tenant_ids`)."""
+        """How many rows could not be processed (their ids are in `failed_tenant_ids`):
+        undecryptable, or (decrypt) holding a NUL character PostgreSQL cannot store."""
         return len(self.failed_tenant_ids)
 
     @property
@@ -92,6 +93,7 @@ class Batch:
     previous: int = 0
     plaintext: int = 0
     failed: list[str] = field(default_factory=list)
+    unstorable: list[str] = field(default_factory=list)  # plaintext with NUL: PostgreSQL refuses it
 
     def extend(self, other: Batch) -> None:
         """Append another batch's rows and counts (pages are planned in slices)."""
@@ -103,6 +105,7 @@ class Batch:
         self.previous += other.previous
         self.plaintext += other.plaintext
         self.failed += other.failed
+        self.unstorable += other.unstorable
 
 
 def plan_batch(operation: Operation, keyring: KeyRing, rows: list[tuple[str, str]]) -> Batch:
@@ -128,6 +131,9 @@ def plan_batch(operation: Operation, keyring: KeyRing, rows: list[tuple[str, str
             continue
         plaintext, index = result
         if operation == "decrypt":
+            if "\x00" in plaintext:  # PostgreSQL text cannot hold it: leave it encrypted
+                batch.unstorable.append(tid)
+                continue
             batch.ids.append(tid)
             batch.old.append(value)
             batch.new.append(plaintext)
@@ -140,7 +146,11 @@ def plan_batch(operation: Operation, keyring: KeyRing, rows: list[tuple[str, str
                 batch.old.append(value)
                 batch.new.append(plaintext)
     if operation == "rotate":
-        batch.new = keyring.encrypt_batch(batch.new)
+        # encrypt_batch passes "" through; a token of "" must stay a token.
+        batch.new = [
+            t or keyring.encrypt(p)
+            for t, p in zip(keyring.encrypt_batch(batch.new), batch.new, strict=True)
+        ]
     if operation == "decrypt":
         batch.skipped, batch.plaintext = batch.plaintext, 0
     elif operation == "rotate":

@@ -226,6 +226,11 @@ async def _run_step(
         report.data.append(data)
         if data.failed_tenant_ids:
             raise MigrationError(f"{label}: {data.summary()}")
+        if data.changed_concurrently:
+            raise MigrationError(
+                f"{label}: {data.changed_concurrently} rows kept changing under the run and were "
+                "left as the application wrote them; run it again (not recorded as done)"
+            )
         await conn.execute(*tracking)
     else:
         try:

@@ -93,6 +93,7 @@ _RETRYABLE = (
 
 
 _SLICE = 250
+_REPLANS = 3
 
 
 def _plan_in_slices(operation: Operation, keyring: KeyRing, rows: list[tuple[str, str]]) -> Batch:
@@ -171,6 +172,11 @@ class _Runner:
                     self.operation, type(exc).__name__, delay, failures, self.max_retries,
                 )  # fmt: skip
                 await anyio.sleep(delay)
+            except asyncpg.PostgresError as exc:  # not a connection problem: retrying won't help
+                raise MigrationError(
+                    f"{self.operation} stopped: {type(exc).__name__}: {exc}. "
+                    "Nothing is half-written; fix the cause and run the command again."
+                ) from exc
         self.report.elapsed_seconds = time.perf_counter() - started
         return self.report
 
@@ -221,16 +227,34 @@ class _Runner:
                 await asyncio.wait([planned])  # the thread cannot be interrupted; let it end
 
     async def _write(self, conn: AnyConnection, batch: Batch) -> None:
-        if not batch.ids:
-            return
-        status = await conn.execute(
-            _Q["write_batch"], batch.ids, batch.old, batch.new, batch.ids[0], batch.ids[-1]
-        )
-        written = int(status.rsplit(" ", 1)[1])
-        self.report.changed_concurrently += len(batch.ids) - written
-        self.report.changed += written
+        """Write a batch; rows the application changed meanwhile are read and planned anew.
 
-    def _account(self, batch: Batch, rows: int, last_key: str) -> None:
+        The compare-and-swap leaves such rows alone. Each is looked at again
+        with its new value (an application may have written plaintext during a
+        rolling deploy) up to `_REPLANS` times; what still moves after that is
+        counted as changed concurrently.
+        """
+        ids, old, new = batch.ids, batch.old, batch.new
+        for attempt in range(_REPLANS + 1):
+            if not ids:
+                return
+            status = await conn.execute(_Q["write_batch"], ids, old, new, ids[0], ids[-1])
+            written = int(status.rsplit(" ", 1)[1])
+            self.report.changed += written
+            if written == len(ids) or attempt == _REPLANS:
+                break
+            ours = dict(zip(ids, new, strict=True))
+            rows = await conn.fetch(_Q["current_values"], ids)
+            moved = [(r[0], r[1]) for r in rows if r[1] and r[1] != ours[r[0]]]
+            again = await anyio.to_thread.run_sync(
+                _plan_in_slices, self.operation, self.keyring, moved
+            )
+            self._count(again)
+            ids, old, new = again.ids, again.old, again.new
+            written = 0
+        self.report.changed_concurrently += len(ids) - written
+
+    def _count(self, batch: Batch) -> None:
         report = self.report
         report.skipped += batch.skipped
         report.current += batch.current
@@ -238,7 +262,16 @@ class _Runner:
         report.plaintext += batch.plaintext
         for tenant_id in batch.failed:
             logger.error("Failed to decrypt Gemini API key for tenant %s", tenant_id)
-        report.failed_tenant_ids.extend(batch.failed)
+        for tenant_id in batch.unstorable:
+            logger.error(
+                "Gemini API key of tenant %s holds a NUL character, which PostgreSQL text "
+                "cannot store: left encrypted",
+                tenant_id,
+            )
+        report.failed_tenant_ids += batch.failed + batch.unstorable
+
+    def _account(self, batch: Batch, rows: int, last_key: str) -> None:
+        self._count(batch)
         self.last_key = last_key
         self.done += rows
         if self.progress is not None:
