@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,12 +41,31 @@ AnyConnection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 DATABASE_URL = "DATABASE_URL"
 DEFAULT_EMBEDDED_DIR = ".tenantstore"
 
-_PASSWORD_IN_URL = re.compile(r"(?P<head>://[^:/@]*:)[^@/]*(?P<tail>@)")
+_SECRET_PARAMS = frozenset({"password", "passfile", "sslpassword", "sslkey"})
 
 
 def redact_url(url: str) -> str:
-    """Return `url` with any password replaced by `***`, for display."""
-    return _PASSWORD_IN_URL.sub(r"\g<head>***\g<tail>", url)
+    """Return `url` for display: any password, in the login or the query, becomes `***`.
+
+    Parsed by hand and leniently (the last `@` before the query ends the login),
+    so even a malformed URL with `/` or `@` in its password shows none of it.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "***"  # not a URL: it could be anything, a password included
+    head, mark, query = rest.partition("?")
+    at = head.rfind("@")
+    if at >= 0:
+        login, location = head[:at], head[at + 1 :]
+        if ":" in login:
+            head = f"{login.split(':', 1)[0]}:***@{location}"
+    if mark:
+        params = []
+        for param in query.split("&"):
+            name = param.partition("=")[0]
+            params.append(f"{name}=***" if name.lower() in _SECRET_PARAMS else param)
+        query = "&".join(params)
+    return f"{scheme}://{head}{mark}{query}"
 
 
 def resolve_database_url(

@@ -149,6 +149,30 @@ async def test_concurrent_upgrades_in_process_apply_once(
             await p.close()  # type: ignore[union-attr]
 
 
+async def test_adopting_a_table_without_a_key_adds_one_or_refuses_duplicates(
+    pool: asyncpg.Pool, keyring: KeyRing
+) -> None:
+    await pool.execute(
+        "CREATE TABLE tenants (tenant_id text, name text NOT NULL, gemini_api_key text)"
+    )
+    await pool.executemany(
+        "INSERT INTO tenants VALUES ($1, 'N', $2)", [("a", "k1"), ("b", "k2"), ("b", "k3")]
+    )
+    with pytest.raises(MigrationError, match=r"0001_create_tenants\.up\.sql failed"):
+        await upgrade(pool, keyring)
+    assert await versions(pool) == []
+    assert await pool.fetchval("SELECT count(*) FROM tenants WHERE gemini_api_key LIKE 'k%'") == 3
+    await pool.execute("DELETE FROM tenants WHERE gemini_api_key = 'k3'")
+    report = await upgrade(pool, keyring)
+    assert report.summary() == "Migration complete: 2 keys encrypted, 0 already encrypted"
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM pg_index WHERE indrelid = 'tenants'::regclass AND indisprimary"
+        )
+        == 1
+    )
+
+
 async def test_lock_held_on_a_dedicated_connection_is_released_after_the_run(
     pool: asyncpg.Pool, database_url: str, keyring: KeyRing
 ) -> None:

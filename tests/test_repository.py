@@ -431,3 +431,23 @@ async def test_secrets_are_always_stored_as_tokens_and_nul_is_refused(
         await repo.set_gemini_api_key("empty", "AIza\x00secret")
     assert "secret" not in str(info.value)
     assert is_encrypted(await stored(schema, "empty"))
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:hunter2@h:5432/db", "postgresql://u:***@h:5432/db"),
+        ("postgresql://u@h/db?password=hunter2", "postgresql://u@h/db?password=***"),
+        ("postgresql://u:hun@ter2@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:hun/ter2@h/db", "postgresql://u:***@h/db"),
+        (
+            "postgresql:///db?host=/run&sslpassword=hunter2",
+            "postgresql:///db?host=/run&sslpassword=***",
+        ),
+        ("host=h password=hunter2", "***"),
+    ],
+)
+def test_redact_url_hides_every_password(url: str, shown: str) -> None:
+    from tenantstore.db import redact_url
+
+    assert redact_url(url) == shown
