@@ -24,10 +24,6 @@ CREATE TABLE IF NOT EXISTS tenantstore_secret_runs (
 -- Take the migration runner's session-level advisory lock without waiting.
 SELECT pg_try_advisory_lock($1::bigint);
 
--- name: lock
--- Wait for the migration runner's session-level advisory lock.
-SELECT pg_advisory_lock($1::bigint);
-
 -- name: unlock
 -- Release the migration runner's advisory lock.
 SELECT pg_advisory_unlock($1::bigint);

@@ -7,12 +7,13 @@ Back the printed key up in your secrets manager before you use it.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import read_env_file
+from .config import parse_env_text
 from .encryption import ENCRYPTION_KEY, generate_encryption_key
 from .errors import ConfigurationError
 
@@ -28,23 +29,38 @@ class KeyFileExistsError(ConfigurationError):
     """The env file already holds an `ENCRYPTION_KEY`; overwriting it would lose secrets."""
 
 
-def append_key(path: str | os.PathLike[str], key: str) -> None:
+def append_key(path: str | os.PathLike[str], key: str, *, if_missing: bool = False) -> bool:
     """Append `ENCRYPTION_KEY=<key>` to a dotenv file, creating it with mode 0600.
 
+    The check and the append happen under an exclusive lock on the file, so two
+    runs at once cannot both add a key. Returns whether the key was written.
+
     Raises:
-        KeyFileExistsError: the file already sets `ENCRYPTION_KEY`.
+        KeyFileExistsError: the file already sets `ENCRYPTION_KEY` (unless `if_missing`,
+            which returns False instead).
     """
     file = Path(path)
-    if ENCRYPTION_KEY in read_env_file(file):
-        raise KeyFileExistsError(
-            f"{file} already sets {ENCRYPTION_KEY}; refusing to replace it "
-            "(to rotate, move the old key to OLD_ENCRYPTION_KEY by hand first)"
-        )
-    fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "a", encoding="utf-8") as out:
-        if out.tell() > 0 and not file.read_bytes().endswith(b"\n"):
-            out.write("\n")
-        out.write(f"{ENCRYPTION_KEY}={key}\n")
+    fd = os.open(file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "rb+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        raw = handle.read()
+        try:
+            text: str | None = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None:  # raised outside the handler: the decode error holds the bytes
+            raise ConfigurationError(f"{file} is not UTF-8 text")
+        if ENCRYPTION_KEY in parse_env_text(text, source=str(file)):
+            if if_missing:
+                return False
+            raise KeyFileExistsError(
+                f"{file} already sets {ENCRYPTION_KEY}; refusing to replace it "
+                "(to rotate, move the old key to OLD_ENCRYPTION_KEY by hand first)"
+            )
+        if raw and not raw.endswith(b"\n"):
+            handle.write(b"\n")
+        handle.write(f"{ENCRYPTION_KEY}={key}\n".encode())
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,10 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(BACKUP_ADVICE, file=sys.stderr)
         return 0
     try:
-        if args.if_missing and ENCRYPTION_KEY in read_env_file(args.write):
+        if not append_key(args.write, key, if_missing=args.if_missing):
             print(f"{args.write} already sets {ENCRYPTION_KEY}; keeping it.", file=sys.stderr)
             return 0
-        append_key(args.write, key)
     except ConfigurationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

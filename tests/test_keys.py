@@ -160,3 +160,14 @@ def test_if_missing_without_write_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as info:
         main(["generate", "--if-missing"])
     assert info.value.code == 2
+
+
+def test_write_refuses_a_file_that_is_not_utf8_without_echoing_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / ".env.secrets"
+    target.write_bytes(b"OTHER=\xff\xfesecret-bytes\n")
+    assert main(["generate", "--write", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "not UTF-8" in err and "secret-bytes" not in err
+    assert target.read_bytes() == b"OTHER=\xff\xfesecret-bytes\n"

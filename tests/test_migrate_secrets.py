@@ -504,3 +504,18 @@ async def test_database_url_option_overrides_the_environment(
     assert await asyncio.to_thread(main, ["verify", "--database-url", database_url]) == 0
     assert await asyncio.to_thread(main, ["verify"]) == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+async def test_verify_require_current_fails_while_old_key_tokens_remain(
+    database_url: str, table: asyncpg.Pool, key: str, old_key: str,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    await fill(table, KeyRing(old_key).encrypt_batch(["a", "b"]))
+    monkeypatch.setenv("ENCRYPTION_KEY", key)
+    monkeypatch.setenv("OLD_ENCRYPTION_KEY", old_key)
+    args = ["verify", "--require-current", "--database-url", database_url]
+    assert await asyncio.to_thread(main, ["verify", "--database-url", database_url]) == 0
+    assert await asyncio.to_thread(main, args) == 1
+    assert "2 previous-key" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, ["rotate", "--database-url", database_url]) == 0
+    assert await asyncio.to_thread(main, args) == 0

@@ -89,9 +89,18 @@ def _parser() -> argparse.ArgumentParser:
         ("encrypt", "encrypt every plaintext secret"),
         ("decrypt", "decrypt every secret back to plaintext"),
         ("rotate", "re-encrypt every token under ENCRYPTION_KEY"),
-        ("verify", "count current, previous-key, plaintext and undecryptable secrets"),
     ):
         commands.add_parser(name, parents=[common], help=doc)
+    verify = commands.add_parser(
+        "verify",
+        parents=[common],
+        help="count current, previous-key, plaintext and undecryptable secrets",
+    )
+    verify.add_argument(
+        "--require-current",
+        action="store_true",
+        help="exit 1 unless every secret is a token under ENCRYPTION_KEY",
+    )
     return parser
 
 
@@ -189,8 +198,17 @@ async def _run(args: argparse.Namespace, keyring: KeyRing | None) -> int:
         print(json.dumps(_report_data(report), default=str))
     elif not isinstance(report, StatusReport):
         print(report.summary())
-    failed = isinstance(report, SecretsReport) and report.failed_tenant_ids
-    return 1 if failed else 0
+    if isinstance(report, SecretsReport):
+        if report.failed_tenant_ids:
+            return 1
+        if getattr(args, "require_current", False) and (report.previous or report.plaintext):
+            print(
+                f"error: {report.previous} previous-key and {report.plaintext} plaintext secrets "
+                "remain: run rotate / encrypt before removing OLD_ENCRYPTION_KEY",
+                file=sys.stderr,
+            )
+            return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -217,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TenantStoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (asyncpg.PostgresError, OSError) as exc:
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
         print(f"error: database: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:

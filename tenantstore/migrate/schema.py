@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import anyio
 import asyncpg
 from typing_extensions import Unpack
 
@@ -150,10 +151,19 @@ async def _lock_connection(
         yield conn
 
 
-async def _locked(conn: AnyConnection) -> None:
-    if not await conn.fetchval(TRACK["try_lock"], LOCK_ID):
-        logger.info("Another migration runner holds the lock; waiting for it")
-        await conn.fetchval(TRACK["lock"], LOCK_ID)
+async def _locked(conn: AnyConnection, *, poll: float = 0.5) -> None:
+    """Take the runner's advisory lock, waiting as long as another runner holds it.
+
+    Polled with `pg_try_advisory_lock` rather than one blocking
+    `pg_advisory_lock`, which the connection's `command_timeout` would cut
+    short while another runner works through a long data step.
+    """
+    waited = 0.0
+    while not await conn.fetchval(TRACK["try_lock"], LOCK_ID):
+        if waited == 0.0:
+            logger.info("Another migration runner holds the lock; waiting for it")
+        await anyio.sleep(poll)
+        waited += poll
 
 
 async def upgrade(
