@@ -21,9 +21,20 @@ Catch `TenantStoreError` to catch them all. The tree::
 
 Messages and attributes carry names (settings, tenant ids, files), never a
 key or a secret value.
+
+This module is also the one place where a driver's or parser's error becomes
+text (`describe_driver_error`) or one of ours (`database_error`). PostgreSQL
+puts row values in an error's DETAIL, a trigger can put them in its message,
+asyncpg repeats query arguments in its `DataError`, and a URL parser echoes
+the URL: so what passes is the error's class, SQLSTATE, the names of the
+constraint, table, column and raising function, and the server's own message
+only where that message is known to name objects and never values.
 """
 
 from __future__ import annotations
+
+import re
+from typing import Any
 
 __all__ = [
     "ConfigurationError",
@@ -43,6 +54,7 @@ __all__ = [
     "TenantNotFoundError",
     "TenantStoreError",
 ]
+# Also here, for tenantstore's own modules: database_error, describe_driver_error, printable.
 
 
 class TenantStoreError(Exception):
@@ -98,21 +110,29 @@ class DecryptionError(TenantStoreError):
 
 
 class TenantDecryptionError(DecryptionError):
-    """A tenant's stored secret could not be decrypted; `tenant_id` says whose."""
+    """A stored secret could not be decrypted; `tenant_id` and `column` say which.
 
-    def __init__(self, tenant_id: str) -> None:
+    The message reads `Failed to decrypt <label> for tenant <id>`, where the
+    label is the column's human name when it has one (`Gemini API key`).
+    """
+
+    def __init__(self, tenant_id: str, column: str, *, label: str | None = None) -> None:
         self.tenant_id = tenant_id
-        super().__init__(f"Failed to decrypt Gemini API key for tenant {tenant_id}")
+        self.column = column
+        super().__init__(
+            f"Failed to decrypt {label or printable(column)} for tenant {printable(tenant_id)}"
+        )
 
 
 class PlaintextSecretError(TenantStoreError):
     """A stored secret is plaintext and the repository was told not to accept that."""
 
-    def __init__(self, tenant_id: str) -> None:
+    def __init__(self, tenant_id: str, column: str, *, label: str | None = None) -> None:
         self.tenant_id = tenant_id
+        self.column = column
         super().__init__(
-            f"Gemini API key for tenant {tenant_id} is stored as plaintext "
-            "(run `python -m tenantstore.migrate encrypt`)"
+            f"{label or printable(column)} for tenant {printable(tenant_id)} is stored as "
+            "plaintext (run `python -m tenantstore.migrate encrypt`)"
         )
 
 
@@ -121,7 +141,7 @@ class TenantExistsError(TenantStoreError):
 
     def __init__(self, tenant_id: str) -> None:
         self.tenant_id = tenant_id
-        super().__init__(f"Tenant {tenant_id} already exists")
+        super().__init__(f"Tenant {printable(tenant_id)} already exists")
 
 
 class TenantNotFoundError(TenantStoreError, LookupError):
@@ -129,11 +149,38 @@ class TenantNotFoundError(TenantStoreError, LookupError):
 
     def __init__(self, tenant_id: str) -> None:
         self.tenant_id = tenant_id
-        super().__init__(f"Tenant {tenant_id} not found")
+        super().__init__(f"Tenant {printable(tenant_id)} not found")
 
 
 class DatabaseError(TenantStoreError):
-    """PostgreSQL or the connection to it failed; the driver's error is chained as the cause."""
+    """PostgreSQL or the connection to it failed.
+
+    The message is built by `describe_driver_error`: class, SQLSTATE and object
+    names, never row values. The driver's error is chained as the cause only
+    as a sanitised copy (same class and SQLSTATE, no DETAIL, no query), so a
+    traceback shows nothing the message does not.
+
+    Attributes:
+        operation: what tenantstore was doing (`get_tenant`, `encrypt`, ...).
+        sqlstate: PostgreSQL's error code, when the server sent one.
+        constraint_name: the violated constraint, when there is one.
+        tenant_id: the row's key, when one row was concerned.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str | None = None,
+        sqlstate: str | None = None,
+        constraint_name: str | None = None,
+        tenant_id: str | None = None,
+    ) -> None:
+        self.operation = operation
+        self.sqlstate = sqlstate
+        self.constraint_name = constraint_name
+        self.tenant_id = tenant_id
+        super().__init__(message)
 
 
 class MigrationError(TenantStoreError):
@@ -166,3 +213,128 @@ class DestructiveMigrationError(MigrationError):
             f"Refusing {filename}: it drops table {table}, which holds {rows} rows "
             "(pass --yes / confirm=True to drop them)"
         )
+
+
+# SQLSTATE classes whose server-made messages name objects (constraints,
+# relations, columns, roles) and put row values only in DETAIL. Class 22
+# (data exceptions: "invalid input syntax for type uuid: \"...\"") is not
+# one of them, nor P0 (a PL/pgSQL RAISE says whatever its author wrote).
+_OBJECT_ONLY_CLASSES = frozenset(
+    {"08", "0A", "23", "25", "28", "3D", "3F", "40", "42", "53", "54", "55", "57", "58"}
+)
+# Server functions that emit a message written by user code, whatever its SQLSTATE.
+_USER_MESSAGE_SOURCES = frozenset({"exec_stmt_raise", "exec_stmt_assert", "PLy_elog", "elog"})
+_FUNCTION_IN_CONTEXT = re.compile(r"(?:PL/\w+|SQL) function ([\w.$\"]{1,200})\(")
+_NAME_FIELDS = (
+    ("constraint_name", "constraint"),
+    ("schema_name", "schema"),
+    ("table_name", "table"),
+    ("column_name", "column"),
+    ("data_type_name", "type"),
+)
+
+
+def _server_message(exc: BaseException) -> str | None:
+    """The server's message when it cannot hold a value from a row, else None."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    message = getattr(exc, "message", None)
+    if not isinstance(sqlstate, str) or not isinstance(message, str):
+        return None
+    if sqlstate[:2] not in _OBJECT_ONLY_CLASSES:
+        return None
+    if getattr(exc, "server_source_function", None) in _USER_MESSAGE_SOURCES:
+        return None
+    context = getattr(exc, "context", None)
+    if context and (" at RAISE" in context or " at ASSERT" in context):
+        return None  # RAISE ... USING ERRCODE = 'check_violation' and friends
+    return printable(message)
+
+
+def printable(text: str) -> str:
+    """`text` as it is when printable, else with control characters escaped.
+
+    Every id or name that came from the database goes through this before it
+    reaches a message or a log line, so a tenant id holding a newline cannot
+    forge a line of output.
+    """
+    if text.isprintable():
+        return text
+    return text.encode("unicode_escape").decode("ascii")
+
+
+def describe_driver_error(exc: BaseException) -> str:
+    """Describe a driver, parser or OS error without any value it may carry.
+
+    `CheckViolationError (SQLSTATE 23514): new row for relation "tenants"
+    violates check constraint "key_shape"`, or for a trigger's RAISE
+    `RaiseError (SQLSTATE P0001) in function reject_key`. PostgreSQL errors
+    keep their class, SQLSTATE, object names and, from the SQLSTATE classes
+    whose messages name objects only, the server's message; OS errors keep
+    their errno text; anything else (asyncpg's `DataError`, which quotes query
+    arguments, or a URL parser's `ValueError`) only its class name.
+    """
+    name = type(exc).__name__
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str) and hasattr(exc, "message"):
+        text = f"{name} (SQLSTATE {printable(sqlstate)})"
+        message = _server_message(exc)
+        if message:
+            text += f": {message}"
+        function = _FUNCTION_IN_CONTEXT.search(getattr(exc, "context", None) or "")
+        if function:
+            text += f" in function {printable(function[1])}"
+        names = [
+            f'{label} "{printable(value)}"'
+            for attribute, label in _NAME_FIELDS
+            if isinstance(value := getattr(exc, attribute, None), str)
+            and value
+            and (message is None or f'"{value}"' not in message)
+        ]
+        if names:
+            text += f" ({', '.join(names)})"
+        return text
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        return f"{name}: [Errno {exc.errno}] {exc.strerror}"
+    return name
+
+
+def _sanitised_copy(exc: BaseException) -> BaseException | None:
+    """The same asyncpg error class without DETAIL, hint, query or user message."""
+    new = getattr(type(exc), "new", None)
+    sqlstate = getattr(exc, "sqlstate", None)
+    if new is None or not isinstance(sqlstate, str):
+        return None
+    fields: dict[str, Any] = {"C": sqlstate, "M": describe_driver_error(exc)}
+    for code, attribute in (("n", "constraint_name"), ("s", "schema_name"),
+                            ("t", "table_name"), ("c", "column_name")):  # fmt: skip
+        value = getattr(exc, attribute, None)
+        if isinstance(value, str):
+            fields[code] = value
+    try:
+        copy: BaseException = new(fields)
+    except Exception:  # an unexpected driver version: no copy is better than a leak
+        return None
+    return copy
+
+
+def database_error(
+    exc: BaseException, operation: str, *, tenant_id: str | None = None
+) -> DatabaseError:
+    """Translate a driver error into a `DatabaseError` that holds no row value.
+
+    Use as `raise database_error(exc, "get_tenant", tenant_id=...)` inside the
+    `except` block: the result's cause is a sanitised copy of `exc` and its
+    context is suppressed, so neither a traceback nor a logging handler ever
+    prints the original's DETAIL.
+    """
+    where = f" for tenant {printable(tenant_id)}" if tenant_id is not None else ""
+    error = DatabaseError(
+        f"{operation} failed{where}: {describe_driver_error(exc)}",
+        operation=operation,
+        sqlstate=getattr(exc, "sqlstate", None),
+        constraint_name=getattr(exc, "constraint_name", None),
+        tenant_id=tenant_id,
+    )
+    error.__cause__ = _sanitised_copy(exc)
+    error.__suppress_context__ = True
+    return error

@@ -241,7 +241,9 @@ class TenantRepository:
             elif self._allow_plaintext:
                 plaintexts.append(stored)
             else:
-                raise PlaintextSecretError(row["tenant_id"])
+                raise PlaintextSecretError(
+                    row["tenant_id"], "gemini_api_key", label="Gemini API key"
+                )
         if missing:
             tokens = [rows[index]["gemini_api_key"] for index in missing]
             for index, token, value in zip(
@@ -250,7 +252,7 @@ class TenantRepository:
                 if value is None:
                     tenant_id = rows[index]["tenant_id"]
                     logger.error("Failed to decrypt Gemini API key for tenant %s", tenant_id)
-                    raise TenantDecryptionError(tenant_id)
+                    raise TenantDecryptionError(tenant_id, "gemini_api_key", label="Gemini API key")
                 cache.put(token, value)
                 plaintexts[index] = value
         return [_tenant(row, plain) for row, plain in zip(rows, plaintexts, strict=True)]
