@@ -17,6 +17,7 @@ import pytest
 
 from tenantstore import KeyRing
 from tenantstore.config import read_env_file
+from tenantstore.encryption import generate_encryption_key
 from tenantstore.keys import main
 
 KEY_LINE = re.compile(r"ENCRYPTION_KEY=(?P<key>[A-Za-z0-9_-]{43}=)")
@@ -390,3 +391,47 @@ def test_write_rechecks_a_file_swapped_in_while_it_waited_for_the_lock(tmp_path:
         assert os.pread(first, 4096, 0) == b"A=1\n"
     finally:
         os.close(first)
+
+
+def test_rotate_waits_for_the_lock_and_rotates_the_file_it_finds_after(tmp_path: Path) -> None:
+    """A rotation that waited while another replaced the file rotates the new file,
+    so the key the other one wrote is kept as a previous key, not lost."""
+    path = tmp_path / ".env.secrets"
+    first_key, second_key = (generate_encryption_key() for _ in range(2))
+    _private(path, f"ENCRYPTION_KEY={first_key}\n")
+    with _started("--rotate", "--write", str(path)) as run:
+        with _locked(path) as inode:
+            _wait_until_waiting_for_lock(run, inode)
+            rotated = tmp_path / "rotated"
+            _private(rotated, f"ENCRYPTION_KEY={second_key}\nOLD_ENCRYPTION_KEY={first_key}\n")
+            rotated.rename(path)  # what a concurrent --rotate does, under the lock we hold
+        _, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    settings = read_env_file(path)
+    assert settings["ENCRYPTION_KEY"] not in (first_key, second_key)
+    assert settings["OLD_ENCRYPTION_KEY"] == f"{second_key},{first_key}"
+
+
+# -- help ----------------------------------------------------------------------
+
+
+def test_help_says_what_every_option_does(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--help"])
+    assert info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for option, says in [
+        ("--write PATH", "add ENCRYPTION_KEY=<key> to this env file"),
+        (
+            "--if-missing",
+            "with --write: do nothing (exit 0) when the file already sets ENCRYPTION_KEY",
+        ),
+        (
+            "--rotate",
+            "with --write: move the file's ENCRYPTION_KEY to the front of OLD_ENCRYPTION_KEY",
+        ),
+    ]:
+        assert f"{option} {says}" in help_text, option
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "generate make a new Fernet key" in " ".join(capsys.readouterr().out.split())
