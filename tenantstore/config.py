@@ -29,6 +29,7 @@ def parse_env_text(text: str, *, source: str = "<string>") -> dict[str, str]:
             source and line number but never echoes the line, which may hold a key.
     """
     values: dict[str, str] = {}
+    text = text.removeprefix("\ufeff")  # a byte order mark, as some Windows editors write
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):

@@ -92,6 +92,17 @@ def test_malformed_line_names_source_and_line_without_echoing_it(text: str, line
     assert isinstance(info.value, TenantStoreError)
 
 
+def test_parse_accepts_a_leading_byte_order_mark() -> None:
+    """Some Windows editors start UTF-8 files with U+FEFF; it is not part of line 1's name."""
+    assert parse_env_text("\ufeffA=1\nB=2") == {"A": "1", "B": "2"}
+    assert parse_env_text("\ufeff# keys\nA=1") == {"A": "1"}
+
+
+def test_parse_still_rejects_a_byte_order_mark_inside_the_text() -> None:
+    with pytest.raises(ConfigurationError, match=r"at <string>:2$"):
+        parse_env_text("A=1\n\ufeffB=2")
+
+
 def test_malformed_line_default_source_is_string() -> None:
     with pytest.raises(ConfigurationError, match=r"at <string>:1$"):
         parse_env_text("oops")
@@ -117,6 +128,12 @@ def test_read_file_error_names_the_file_path(tmp_path: Path) -> None:
         read_env_file(path)
     assert str(info.value).endswith(f" at {path}:2")
     assert "broken line" not in str(info.value)
+
+
+def test_read_file_accepts_a_utf8_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / ".env.secrets"
+    path.write_bytes(b"\xef\xbb\xbfENCRYPTION_KEY=" + FERNET_KEY.encode() + b"\n")
+    assert read_env_file(path) == {"ENCRYPTION_KEY": FERNET_KEY}
 
 
 # -- load_settings ---------------------------------------------------------------
