@@ -6,6 +6,10 @@ file, and a missing file is simply empty.
 
 Settings read: `DATABASE_URL` (from `.env`), `ENCRYPTION_KEY` and
 `OLD_ENCRYPTION_KEY` (from `.env.secrets`, or `.env`).
+
+A setting that is present but blank (`ENCRYPTION_KEY=`, or what
+`export OLD_ENCRYPTION_KEY="$UNSET"` leaves) is an `EmptySettingError`, never
+taken for an absent one: `nonblank_setting` and `list_setting` say which.
 """
 
 from __future__ import annotations
@@ -16,9 +20,34 @@ from pathlib import Path
 
 from .errors import ConfigurationError
 
-__all__ = ["DEFAULT_ENV_FILES", "load_settings", "parse_env_text", "read_env_file"]
+__all__ = [
+    "DEFAULT_ENV_FILES",
+    "EmptySettingError",
+    "list_setting",
+    "load_settings",
+    "nonblank_setting",
+    "parse_env_text",
+    "read_env_file",
+]
 
 DEFAULT_ENV_FILES: tuple[str, ...] = (".env", ".env.secrets")
+
+
+class EmptySettingError(ConfigurationError):
+    """A setting is present but blank, as `export NAME="$UNSET_VARIABLE"` leaves it.
+
+    Kept apart from a missing setting on purpose: a blank key is a mistake to
+    fix, never a reason to carry on as if no key had been configured (the
+    migration CLI tolerates a missing `ENCRYPTION_KEY` for some commands, not
+    this). The message names the setting only.
+
+    Attributes:
+        setting: the setting's name; `OLD_ENCRYPTION_KEY[1]` for an entry of a list.
+    """
+
+    def __init__(self, setting: str) -> None:
+        self.setting = setting
+        super().__init__(f"{setting} is set but empty: give it a value or remove the setting")
 
 
 def parse_env_text(text: str, *, source: str = "<string>") -> dict[str, str]:
@@ -29,6 +58,7 @@ def parse_env_text(text: str, *, source: str = "<string>") -> dict[str, str]:
             source and line number but never echoes the line, which may hold a key.
     """
     values: dict[str, str] = {}
+    text = text.removeprefix("\ufeff")  # a byte order mark, as some Windows editors write
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -85,3 +115,46 @@ def load_settings(
         merged.update(read_env_file(path))
     merged.update(os.environ if environ is None else environ)
     return merged
+
+
+def nonblank_setting(settings: Mapping[str, str], name: str) -> str | None:
+    """Return setting `name` without surrounding whitespace, or None when it is absent.
+
+    Args:
+        settings: merged settings, as `load_settings` returns them.
+        name: the setting to read.
+
+    Raises:
+        EmptySettingError: the setting is present but blank.
+    """
+    value = settings.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        raise EmptySettingError(name)
+    return value
+
+
+def list_setting(settings: Mapping[str, str], name: str) -> list[str]:
+    """Return the comma-separated entries of setting `name`; none when it is absent.
+
+    Args:
+        settings: merged settings, as `load_settings` returns them.
+        name: the setting to read.
+
+    Raises:
+        EmptySettingError: the setting is blank (`" , "` included), or one
+            entry is (`a,,b`: named `NAME[1]`), which is how a variable that
+            expanded to nothing looks inside a list.
+    """
+    value = settings.get(name)
+    if value is None:
+        return []
+    entries = [entry.strip() for entry in value.split(",")]
+    if not any(entries):
+        raise EmptySettingError(name)
+    for index, entry in enumerate(entries):
+        if not entry:
+            raise EmptySettingError(f"{name}[{index}]")
+    return entries

@@ -128,15 +128,18 @@ class KeyRing:
         The environment (`os.environ` when `environ` is None) wins over `env_file`.
 
         Raises:
-            EncryptionKeyMissingError: `ENCRYPTION_KEY` is unset or empty.
+            EncryptionKeyMissingError: `ENCRYPTION_KEY` is not set at all.
+            EmptySettingError: `ENCRYPTION_KEY` or `OLD_ENCRYPTION_KEY` (or one of
+                its entries) is set but blank, e.g. copied from an unset shell variable.
             InvalidEncryptionKeyError: a key is malformed.
         """
+        from .config import list_setting, nonblank_setting
+
         settings = load_settings(environ, [] if env_file is None else [env_file])
-        primary = settings.get(ENCRYPTION_KEY, "").strip()
-        if not primary:
+        primary = nonblank_setting(settings, ENCRYPTION_KEY)
+        if primary is None:
             raise EncryptionKeyMissingError(ENCRYPTION_KEY)
-        old = settings.get(OLD_ENCRYPTION_KEY, "")
-        return cls(primary, [key.strip() for key in old.split(",") if key.strip()])
+        return cls(primary, list_setting(settings, OLD_ENCRYPTION_KEY))
 
     def __repr__(self) -> str:
         return f"<KeyRing primary=*** previous={self.previous_count}>"

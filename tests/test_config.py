@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tenantstore import ConfigurationError, TenantStoreError
-from tenantstore.config import DEFAULT_ENV_FILES, load_settings, parse_env_text, read_env_file
+from tenantstore import ConfigurationError, EncryptionKeyMissingError, KeyRing, TenantStoreError
+from tenantstore.config import (
+    DEFAULT_ENV_FILES,
+    EmptySettingError,
+    list_setting,
+    load_settings,
+    nonblank_setting,
+    parse_env_text,
+    read_env_file,
+)
 
 FERNET_KEY = "AZUpefU1A9gAFD8DbPlHPYnNg-_50MaKr6ObYFI6YRY="
 
@@ -92,6 +103,17 @@ def test_malformed_line_names_source_and_line_without_echoing_it(text: str, line
     assert isinstance(info.value, TenantStoreError)
 
 
+def test_parse_accepts_a_leading_byte_order_mark() -> None:
+    """Some Windows editors start UTF-8 files with U+FEFF; it is not part of line 1's name."""
+    assert parse_env_text("\ufeffA=1\nB=2") == {"A": "1", "B": "2"}
+    assert parse_env_text("\ufeff# keys\nA=1") == {"A": "1"}
+
+
+def test_parse_still_rejects_a_byte_order_mark_inside_the_text() -> None:
+    with pytest.raises(ConfigurationError, match=r"at <string>:2$"):
+        parse_env_text("A=1\n\ufeffB=2")
+
+
 def test_malformed_line_default_source_is_string() -> None:
     with pytest.raises(ConfigurationError, match=r"at <string>:1$"):
         parse_env_text("oops")
@@ -117,6 +139,12 @@ def test_read_file_error_names_the_file_path(tmp_path: Path) -> None:
         read_env_file(path)
     assert str(info.value).endswith(f" at {path}:2")
     assert "broken line" not in str(info.value)
+
+
+def test_read_file_accepts_a_utf8_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / ".env.secrets"
+    path.write_bytes(b"\xef\xbb\xbfENCRYPTION_KEY=" + FERNET_KEY.encode() + b"\n")
+    assert read_env_file(path) == {"ENCRYPTION_KEY": FERNET_KEY}
 
 
 # -- load_settings ---------------------------------------------------------------
@@ -175,3 +203,118 @@ def test_load_settings_does_not_modify_the_environment(
     monkeypatch.delenv("A", raising=False)
     load_settings(None, [path])
     assert "A" not in os.environ
+
+
+# -- set but empty ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["", "   ", "\t"])
+def test_nonblank_setting_refuses_a_blank_value_and_names_the_setting(value: str) -> None:
+    with pytest.raises(EmptySettingError) as info:
+        nonblank_setting({"ENCRYPTION_KEY": value}, "ENCRYPTION_KEY")
+    assert str(info.value).startswith("ENCRYPTION_KEY is set but empty")
+    assert info.value.setting == "ENCRYPTION_KEY"
+    assert isinstance(info.value, ConfigurationError)
+    assert not isinstance(info.value, EncryptionKeyMissingError)
+
+
+def test_nonblank_setting_tells_absent_from_present() -> None:
+    assert nonblank_setting({}, "A") is None
+    assert nonblank_setting({"A": " v "}, "A") == "v"
+
+
+@pytest.mark.parametrize(
+    ("value", "setting"),
+    [("", "OLD"), (" , ", "OLD"), (",", "OLD"), ("k1,", "OLD[1]"), ("k1,,k2", "OLD[1]")],
+)
+def test_list_setting_refuses_a_blank_list_or_entry(value: str, setting: str) -> None:
+    with pytest.raises(EmptySettingError) as info:
+        list_setting({"OLD": value}, "OLD")
+    assert info.value.setting == setting
+    assert str(info.value).startswith(f"{setting} is set but empty")
+
+
+def test_list_setting_reads_entries_and_an_absent_list() -> None:
+    assert list_setting({}, "OLD") == []
+    assert list_setting({"OLD": " k1 , k2 "}, "OLD") == ["k1", "k2"]
+
+
+@pytest.mark.parametrize(
+    ("environment", "secrets_file", "setting"),
+    [
+        ({"ENCRYPTION_KEY": ""}, None, "ENCRYPTION_KEY"),
+        ({}, "ENCRYPTION_KEY=\n", "ENCRYPTION_KEY"),
+        ({}, 'export ENCRYPTION_KEY=""\n', "ENCRYPTION_KEY"),
+        ({"ENCRYPTION_KEY": FERNET_KEY, "OLD_ENCRYPTION_KEY": ""}, None, "OLD_ENCRYPTION_KEY"),
+        ({"ENCRYPTION_KEY": FERNET_KEY, "OLD_ENCRYPTION_KEY": " , "}, None, "OLD_ENCRYPTION_KEY"),
+        ({"ENCRYPTION_KEY": FERNET_KEY}, 'OLD_ENCRYPTION_KEY=""\n', "OLD_ENCRYPTION_KEY"),
+        (
+            {"ENCRYPTION_KEY": FERNET_KEY, "OLD_ENCRYPTION_KEY": f"{FERNET_KEY},"},
+            None,
+            "OLD_ENCRYPTION_KEY[1]",
+        ),
+    ],
+)
+def test_from_env_refuses_a_key_setting_that_is_set_but_empty(
+    monkeypatch: pytest.MonkeyPatch,
+    environment: dict[str, str],
+    secrets_file: str | None,
+    setting: str,
+) -> None:
+    """Not "not set", and not ignored: `export OLD_ENCRYPTION_KEY="$UNSET"` is a mistake."""
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    if secrets_file is not None:
+        Path(".env.secrets").write_text(secrets_file)
+    with pytest.raises(EmptySettingError) as info:
+        KeyRing.from_env()
+    assert info.value.setting == setting
+    assert str(info.value).startswith(f"{setting} is set but empty")
+    assert "not set" not in str(info.value)
+    assert FERNET_KEY[2:40] not in str(info.value)
+
+
+def test_from_env_still_reports_a_truly_unset_key_as_missing() -> None:
+    with pytest.raises(
+        EncryptionKeyMissingError, match="ENCRYPTION_KEY environment variable not set"
+    ):
+        KeyRing.from_env()
+
+
+def run_status(env: dict[str, str], url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tenantstore.migrate", "status", "--database-url", url],
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "secrets_file", "setting"),
+    [
+        ({"ENCRYPTION_KEY": ""}, None, "ENCRYPTION_KEY"),
+        ({}, "ENCRYPTION_KEY=\n", "ENCRYPTION_KEY"),
+        ({"ENCRYPTION_KEY": FERNET_KEY, "OLD_ENCRYPTION_KEY": ""}, None, "OLD_ENCRYPTION_KEY"),
+        ({"ENCRYPTION_KEY": FERNET_KEY, "OLD_ENCRYPTION_KEY": " , "}, None, "OLD_ENCRYPTION_KEY"),
+    ],
+)
+async def test_cli_status_exits_2_on_an_empty_key_setting_instead_of_running_without_it(
+    database_url: str,
+    tmp_path: Path,
+    env: dict[str, str],
+    secrets_file: str | None,
+    setting: str,
+) -> None:
+    """`status` tolerates a missing ENCRYPTION_KEY; an empty one is a mistake it reports."""
+    if secrets_file is not None:
+        (tmp_path / ".env.secrets").write_text(secrets_file)
+    result = await asyncio.to_thread(run_status, env, database_url, tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert (
+        result.stderr
+        == f"error: {setting} is set but empty: give it a value or remove the setting\n"
+    )
+    assert result.stdout == ""
