@@ -1,49 +1,74 @@
+-- The batch runner's statements over any declared EncryptedTable. These are
+-- templates: {table}, {key}, {columns} and the like are filled with quoted
+-- identifiers from a declaration checked against the catalog, and {key_type}
+-- with a type name from a fixed list; every value is a $n parameter.
+
+-- name: present
+-- Fragment: the secret column holds a value (OR-ed over the run's columns).
+{column} <> ''
+
 -- name: count_rows
--- How many tenants hold a non-empty secret in shard $2 of $1 (every row when $1 = 1).
+-- How many rows hold a secret in shard $2 of $1 (every row when $1 = 1).
 SELECT count(*)
-FROM tenants
-WHERE gemini_api_key <> ''
-  AND ($1::integer = 1 OR (hashtextextended(tenant_id, 0) % $1 + $1) % $1 = $2::integer);
+FROM {table}
+WHERE ({any_present})
+  AND ($1::integer = 1 OR (hashtextextended({key}::text, 0) % $1 + $1) % $1 = $2::integer);
 
 -- name: first_page
--- The first keyset page of non-empty secrets in shard $3 of $2: at most $1 rows.
-SELECT tenant_id, gemini_api_key
-FROM tenants
-WHERE gemini_api_key <> ''
-  AND ($2::integer = 1 OR (hashtextextended(tenant_id, 0) % $2 + $2) % $2 = $3::integer)
-ORDER BY tenant_id
+-- The first keyset page of rows holding a secret, in shard $3 of $2: at most $1 rows.
+SELECT {key}, {columns}
+FROM {table}
+WHERE ({any_present})
+  AND ($2::integer = 1 OR (hashtextextended({key}::text, 0) % $2 + $2) % $2 = $3::integer)
+ORDER BY {key}
 LIMIT $1;
 
 -- name: next_page
--- The keyset page after tenant_id $4 (never OFFSET); otherwise as first_page.
-SELECT tenant_id, gemini_api_key
-FROM tenants
-WHERE tenant_id > $4
-  AND gemini_api_key <> ''
-  AND ($2::integer = 1 OR (hashtextextended(tenant_id, 0) % $2 + $2) % $2 = $3::integer)
-ORDER BY tenant_id
+-- The keyset page after key $4 (never OFFSET); otherwise as first_page.
+SELECT {key}, {columns}
+FROM {table}
+WHERE {key} > $4
+  AND ({any_present})
+  AND ($2::integer = 1 OR (hashtextextended({key}::text, 0) % $2 + $2) % $2 = $3::integer)
+ORDER BY {key}
 LIMIT $1;
 
--- name: write_batch
--- Store new values for a batch in one statement (one short transaction), each
--- guarded by compare-and-swap on the value read: a row the application changed
--- meanwhile is left alone and counted as changed concurrently.
--- $4 and $5 are the batch's first and last tenant_id. They change no result but
--- bound the index scan: without them a custom plan (asyncpg's first five
--- executions, or every one behind PgBouncer) merge-joins from the start of the
--- table, and a pass over the table turns quadratic.
-UPDATE tenants AS t
-SET gemini_api_key = u.new
-FROM unnest($1::text[], $2::text[], $3::text[]) AS u (tenant_id, old, new)
-WHERE t.tenant_id = u.tenant_id
-  AND t.gemini_api_key = u.old
-  AND t.tenant_id >= $4
-  AND t.tenant_id <= $5;
+-- name: write_assignment
+-- Fragment of write_page: one column's compare-and-swap. The new value goes
+-- in only where the runner planned one and the column still holds the value
+-- it read; otherwise the column keeps what it holds.
+{column} = CASE WHEN u.{new} IS NOT NULL AND t.{column} = u.{old} THEN u.{new} ELSE t.{column} END
+
+-- name: write_swapped
+-- Fragment of write_page: this column of the row is to be swapped.
+(u.{new} IS NOT NULL AND t.{column} = u.{old})
+
+-- name: write_written
+-- Fragment of write_page's RETURNING (which sees the row as written): this column was swapped.
+(u.{new} IS NOT NULL AND t.{column} = u.{new})
+
+-- name: write_page
+-- Store a page's new values in one statement (one short transaction),
+-- compare-and-swap per column: a value the application changed meanwhile is
+-- left alone, and the row's other columns are still written. Rows with
+-- nothing to swap are not touched. Returns, per written row, which columns
+-- were swapped. $2 and $3 are the page's first and last key: they change no
+-- result but bound the index scan, without which a custom plan (asyncpg's
+-- first five executions, or every one behind PgBouncer) merge-joins from
+-- the start of the table and a pass over the table turns quadratic.
+UPDATE {table} AS t
+SET {assignments}
+FROM unnest($1::{key_type}[], {arrays}) AS u (k, {pairs})
+WHERE t.{key} = u.k
+  AND ({any_swapped})
+  AND t.{key} >= $2
+  AND t.{key} <= $3
+RETURNING u.k, {written};
 
 -- name: current_values
--- The stored values of the tenants in $1 now, in keyset order: the rows a
--- batch write found changed are read again and planned anew.
-SELECT tenant_id, gemini_api_key
-FROM tenants
-WHERE tenant_id = ANY($1::text[])
-ORDER BY tenant_id;
+-- The stored values of the rows with keys in $1 now, in key order: cells a
+-- page write found changed are read again and planned anew.
+SELECT {key}, {columns}
+FROM {table}
+WHERE {key} = ANY ($1::{key_type}[])
+ORDER BY {key};

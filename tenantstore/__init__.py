@@ -8,6 +8,7 @@ tenant.gemini_api_key.get_secret_value()
 
 from importlib import metadata as _metadata
 
+from .crypto import AsyncCrypto
 from .db import create_pool
 from .encryption import KeyRing
 from .errors import (
@@ -15,6 +16,7 @@ from .errors import (
     DatabaseError,
     DecryptionError,
     DestructiveMigrationError,
+    EmptySettingError,
     EncryptionError,
     EncryptionKeyMissingError,
     InvalidEncryptionKeyError,
@@ -23,13 +25,16 @@ from .errors import (
     MigrationError,
     PlaintextSecretError,
     SqlFileError,
+    TableDefinitionError,
     TenantDecryptionError,
     TenantExistsError,
     TenantNotFoundError,
     TenantStoreError,
+    UnknownSecretError,
 )
 from .models import Tenant
 from .repository import TenantRepository
+from .tables import EncryptedTable
 
 try:
     __version__ = _metadata.version("tenantstore")
@@ -37,10 +42,13 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - an uninstalled chec
     __version__ = "0.0.0"
 
 __all__ = [
+    "AsyncCrypto",
     "ConfigurationError",
     "DatabaseError",
     "DecryptionError",
     "DestructiveMigrationError",
+    "EmptySettingError",
+    "EncryptedTable",
     "EncryptionError",
     "EncryptionKeyMissingError",
     "InvalidEncryptionKeyError",
@@ -50,12 +58,14 @@ __all__ = [
     "MigrationError",
     "PlaintextSecretError",
     "SqlFileError",
+    "TableDefinitionError",
     "Tenant",
     "TenantDecryptionError",
     "TenantExistsError",
     "TenantNotFoundError",
     "TenantRepository",
     "TenantStoreError",
+    "UnknownSecretError",
     "__version__",
     "create_pool",
 ]

@@ -36,7 +36,10 @@ from collections.abc import Sequence
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-__all__ = ["FernetKey", "decrypt_tokens", "encrypt_values"]
+__all__ = ["KEY_ID_CHARS", "KEY_ID_LABEL", "FernetKey", "decrypt_tokens", "encrypt_values"]
+
+KEY_ID_LABEL = b"tenantstore key id v1"
+KEY_ID_CHARS = 12
 
 _VERSION = b"\x80"
 _HEADER = 1 + 8
@@ -51,7 +54,7 @@ class FernetKey:
         ValueError: the key is not 32 url-safe base64-encoded bytes.
     """
 
-    __slots__ = ("_aes", "_inner", "_outer")
+    __slots__ = ("_aes", "_inner", "_outer", "key_id")
 
     def __init__(self, key: str) -> None:
         try:
@@ -60,13 +63,16 @@ class FernetKey:
             raise ValueError("Fernet key must be 32 url-safe base64-encoded bytes.") from exc
         if len(raw) != 32:
             raise ValueError("Fernet key must be 32 url-safe base64-encoded bytes.")
+        # A name for the key that reveals nothing about it: HMAC-SHA256 keyed by
+        # the whole key over a fixed label, truncated to 48 bits.
+        self.key_id = hmac.new(raw, KEY_ID_LABEL, hashlib.sha256).hexdigest()[:KEY_ID_CHARS]
         signing = raw[:16].ljust(64, b"\0")  # shorter than SHA-256's block: zero-padded
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in signing))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in signing))
         self._aes = algorithms.AES(raw[16:])
 
     def __repr__(self) -> str:
-        return "<FernetKey ***>"
+        return f"<FernetKey {self.key_id}>"
 
     def mac(self, data: bytes) -> bytes:
         """HMAC-SHA256 of `data` under the signing key."""

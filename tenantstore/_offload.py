@@ -45,12 +45,29 @@ try:
 except ImportError:  # pragma: no cover - a later anyio may move it; only the stall returns
     pass
 
-__all__ = ["Coalescer", "CoalescerStats", "Ticket"]
+__all__ = ["Coalescer", "CoalescerStats", "Sealed", "Ticket"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-_Request = tuple[Sequence[T], "asyncio.Future[list[R]]"]
+_Request = tuple[Sequence[T], "asyncio.Future[Sealed[list[R]]]"]
+
+
+class Sealed(Generic[T]):
+    """A value handed between threads and callbacks with a repr that shows nothing.
+
+    asyncio's debug mode logs slow callbacks with their arguments, and a
+    future's repr shows its result: both would print decrypted secrets (or
+    plaintexts on their way to encryption) if they travelled bare.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "<sealed>"
 
 
 @dataclass(slots=True)
@@ -62,7 +79,7 @@ class CoalescerStats:
     workers_started: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, repr=False)
 class _LoopState(Generic[T, R]):
     """Per event loop: requests waiting for the next batch, and what is on its way."""
 
@@ -79,6 +96,9 @@ class _LoopState(Generic[T, R]):
     inbox: queue.SimpleQueue[list[_Request[T, R]]] = field(default_factory=queue.SimpleQueue)
     lock: threading.Lock = field(default_factory=threading.Lock)
     worker_alive: bool = False
+
+    def __repr__(self) -> str:  # its requests hold secrets: never shown
+        return f"<coalescer state pending={len(self.pending)} in_flight={self.in_flight}>"
 
 
 class Ticket:
@@ -166,11 +186,11 @@ class Coalescer(Generic[T, R]):
         if ticket is not None and ticket.open and ticket.state is state:
             ticket.open = False
             state.announced -= 1
-        future: asyncio.Future[list[R]] = loop.create_future()
+        future: asyncio.Future[Sealed[list[R]]] = loop.create_future()
         state.pending.append((items, future))
         self.stats.requests += 1
         self._consider(loop, state)
-        return await future
+        return (await future).value
 
     def _consider(self, loop: asyncio.AbstractEventLoop, state: _LoopState[T, R]) -> None:
         """Decide when the pending requests go: next iteration, or after waiting for more."""
@@ -233,7 +253,7 @@ class Coalescer(Generic[T, R]):
                     outcome = exc
                 self.stats.batches += 1
                 try:
-                    loop.call_soon_threadsafe(self._done, loop, batch, outcome)
+                    loop.call_soon_threadsafe(self._done, loop, Sealed((batch, outcome)))
                 except RuntimeError:
                     return  # the loop is closed: nobody there is waiting any more
         finally:
@@ -244,10 +264,10 @@ class Coalescer(Generic[T, R]):
     def _done(
         self,
         loop: asyncio.AbstractEventLoop,
-        batch: list[_Request[T, R]],
-        outcome: list[R] | BaseException,
+        sealed: Sealed[tuple[list[_Request[T, R]], list[R] | BaseException]],
     ) -> None:
         """On the loop: resolve the batch, then send what piled up meanwhile."""
+        batch, outcome = sealed.value
         offset = 0
         for items, future in batch:
             end = offset + len(items)
@@ -255,7 +275,7 @@ class Coalescer(Generic[T, R]):
                 if isinstance(outcome, BaseException):
                     future.set_exception(outcome)
                 else:
-                    future.set_result(outcome[offset:end])
+                    future.set_result(Sealed(outcome[offset:end]))
             offset = end
         state = self._loops.get(loop)
         if state is None:

@@ -8,18 +8,36 @@ A file holds blocks in aiosql's convention::
 
 Parsing (`parse_queries`) is pure; `load_queries` reads a file through
 `importlib.resources`, so it works from a wheel as well as a checkout.
+
+Statements over a declared table are templates: `{table}`, `{key}` and the
+like are filled by `render` with `Sql` pieces only, which come from
+`identifier` (a quoted name), `placeholder` (`$n`), other rendered templates
+or `join`. A plain `str` is refused, so a value can never become SQL text.
 """
 
 from __future__ import annotations
 
 import re
+import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 
 from .errors import SqlFileError
+from .tables import quote_identifier
 
-__all__ = ["Query", "load_queries", "parse_queries", "sql_resource"]
+__all__ = [
+    "Query",
+    "Sql",
+    "identifier",
+    "join",
+    "load_queries",
+    "parse_queries",
+    "placeholder",
+    "render",
+    "sql_resource",
+]
 
 _NAME_LINE = re.compile(r"--\s*name\s*:\s*(?P<name>.*?)\s*$")
 _VALID_NAME = re.compile(r"[a-z_][a-z0-9_]*")
@@ -90,3 +108,62 @@ def load_queries(filename: str) -> dict[str, Query]:
     """Read and parse one named-query file shipped in `tenantstore.sql`."""
     resource = sql_resource(filename)
     return parse_queries(resource.read_text(encoding="utf-8"), source=f"sql/{filename}")
+
+
+@dataclass(frozen=True, slots=True)
+class Sql:
+    """SQL text that is safe to splice into a template.
+
+    Made only by `identifier`, `placeholder`, `join`, `render`, or from a
+    fixed string in tenantstore's own code (a type name from a whitelist).
+    """
+
+    text: str
+
+
+def identifier(name: str) -> Sql:
+    """A quoted identifier (`order` -> `"order"`); see `tables.quote_identifier`."""
+    return Sql(quote_identifier(name))
+
+
+def placeholder(number: int) -> Sql:
+    """The parameter placeholder `$number`."""
+    if not isinstance(number, int) or number < 1:
+        raise ValueError("placeholder number is expected to be a positive int")
+    return Sql(f"${number}")
+
+
+def join(separator: str, parts: Iterable[Sql]) -> Sql:
+    """Join pieces with a separator written in tenantstore's code (`", "`, `" OR "`)."""
+    pieces = list(parts)
+    if not all(isinstance(part, Sql) for part in pieces):
+        raise TypeError("join takes Sql pieces only")
+    return Sql(separator.join(part.text for part in pieces))
+
+
+_FORMATTER = string.Formatter()
+
+
+def render(query: Query, /, **parts: Sql) -> Sql:
+    """Fill a template's `{name}` fields with `Sql` pieces.
+
+    Raises:
+        SqlFileError: the template has a field no piece is given for, or a
+            format spec or conversion (`{x!r}`, `{x:>5}`); at file:line.
+        TypeError: a piece is not `Sql` (a plain str would paste a value).
+    """
+    out: list[str] = []
+    for literal, field, spec, conversion in _FORMATTER.parse(query.sql):
+        out.append(literal)
+        if field is None:
+            continue
+        where = f"{query.source}:{query.line}"
+        if spec or conversion:
+            raise SqlFileError(f"template field {{{field}}} has a format spec at {where}")
+        if field not in parts:
+            raise SqlFileError(f"template field {{{field}}} is not filled at {where}")
+        piece = parts[field]
+        if not isinstance(piece, Sql):
+            raise TypeError(f"template field {field} takes Sql, not {type(piece).__name__}")
+        out.append(piece.text)
+    return Sql("".join(out))

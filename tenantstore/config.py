@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, EmptySettingError
 
 __all__ = [
     "DEFAULT_ENV_FILES",
@@ -31,23 +31,6 @@ __all__ = [
 ]
 
 DEFAULT_ENV_FILES: tuple[str, ...] = (".env", ".env.secrets")
-
-
-class EmptySettingError(ConfigurationError):
-    """A setting is present but blank, as `export NAME="$UNSET_VARIABLE"` leaves it.
-
-    Kept apart from a missing setting on purpose: a blank key is a mistake to
-    fix, never a reason to carry on as if no key had been configured (the
-    migration CLI tolerates a missing `ENCRYPTION_KEY` for some commands, not
-    this). The message names the setting only.
-
-    Attributes:
-        setting: the setting's name; `OLD_ENCRYPTION_KEY[1]` for an entry of a list.
-    """
-
-    def __init__(self, setting: str) -> None:
-        self.setting = setting
-        super().__init__(f"{setting} is set but empty: give it a value or remove the setting")
 
 
 def parse_env_text(text: str, *, source: str = "<string>") -> dict[str, str]:

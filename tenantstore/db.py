@@ -311,7 +311,8 @@ async def create_pool(
 
     Args:
         dsn: a PostgreSQL URL; when None, `DATABASE_URL`, then the embedded default.
-        min_size: connections opened up front.
+        min_size: connections opened up front (with 0, one is opened and
+            returned, to check the URL).
         max_size: the most connections the pool holds.
         pgbouncer: set True behind PgBouncer in transaction pooling mode: it
             turns off asyncpg's prepared-statement cache (`statement_cache_size=0`),
@@ -349,6 +350,16 @@ async def create_pool(
         )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
         failure = exc
+    if failure is None and min_size == 0:
+        # No connection opened up front: open one now, so a wrong URL or
+        # password fails here and not at the first query.
+        try:
+            async with pool.acquire():
+                pass
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+            failure = exc
+        if failure is not None:
+            await pool.close()
     if failure is not None:
         # Raised here, outside the handler, so the driver's error (whose text
         # may hold the URL, a DETAIL or a setting's value) is not the context.
@@ -372,5 +383,5 @@ def _connect_error(exc: BaseException, url: str) -> TenantStoreError:
         operation="connect",
         sqlstate=translated.sqlstate,
     )
-    error.__cause__ = translated.__cause__  # a sanitised copy, or None
+    error.driver_error = translated.driver_error  # a sanitised copy, or None
     return error

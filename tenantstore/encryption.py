@@ -28,7 +28,7 @@ import anyio.to_thread
 from cryptography.fernet import Fernet
 
 from ._fernet import FernetKey, decrypt_tokens, encrypt_values
-from .config import load_settings
+from .config import list_setting, load_settings, nonblank_setting
 from .errors import (
     DecryptionError,
     EncryptionError,
@@ -42,6 +42,8 @@ __all__ = [
     "encrypt_api_key",
     "generate_encryption_key",
     "is_encrypted",
+    "key_id",
+    "stored_token",
 ]
 
 _S = TypeVar("_S", str, str | None)  # batches keep None in, None out
@@ -67,6 +69,8 @@ def _load_key(key: object, setting: str) -> FernetKey:
 
 
 def _utf8(value: str) -> bytes:
+    if not isinstance(value, str):
+        raise TypeError(f"a secret must be a str, not {type(value).__name__}")
     try:
         return value.encode("utf-8")
     except UnicodeEncodeError:
@@ -93,6 +97,34 @@ def is_encrypted(value: object) -> bool:
         return False
     body = len(raw) - _TOKEN_OVERHEAD
     return raw[0] == 0x80 and body >= 16 and body % 16 == 0
+
+
+def stored_token(value: object) -> str | None:
+    """The Fernet token a stored value holds, or None when it holds plaintext.
+
+    The one rule for what a token is, shared by the repository, the batch
+    runner and `verify`: a value that is structurally a token once
+    surrounding whitespace is stripped (a hand-edited row, a `psql \\copy`
+    artefact) is that token, and is never encrypted a second time.
+    """
+    if not isinstance(value, str) or len(value) < 100:
+        return None
+    if is_encrypted(value):
+        return value
+    stripped = value.strip()
+    return stripped if stripped is not value and is_encrypted(stripped) else None
+
+
+def key_id(key: str) -> str:
+    """The id of a Fernet key: 12 hex characters that name it and reveal nothing of it.
+
+    HMAC-SHA256 keyed by the key over a fixed label, truncated: stable across
+    processes and versions, shown by `keys list`, `verify`, logs and errors.
+
+    Raises:
+        InvalidEncryptionKeyError: `key` is not a Fernet key.
+    """
+    return _load_key(key, "key").key_id
 
 
 class KeyRing:
@@ -133,8 +165,6 @@ class KeyRing:
                 its entries) is set but blank, e.g. copied from an unset shell variable.
             InvalidEncryptionKeyError: a key is malformed.
         """
-        from .config import list_setting, nonblank_setting
-
         settings = load_settings(environ, [] if env_file is None else [env_file])
         primary = nonblank_setting(settings, ENCRYPTION_KEY)
         if primary is None:
@@ -142,12 +172,24 @@ class KeyRing:
         return cls(primary, list_setting(settings, OLD_ENCRYPTION_KEY))
 
     def __repr__(self) -> str:
-        return f"<KeyRing primary=*** previous={self.previous_count}>"
+        return f"<KeyRing primary={self._keys[0].key_id} previous={self.previous_count}>"
 
     @property
     def previous_count(self) -> int:
         """How many previous keys this ring accepts for decryption."""
         return len(self._keys) - 1
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        """The id of every key, primary first (see `key_id`)."""
+        return tuple(key.key_id for key in self._keys)
+
+    @property
+    def primary_key_id(self) -> str:
+        """The id of the key new tokens are made with."""
+        return self._keys[0].key_id
+
+    is_encrypted = staticmethod(is_encrypted)
 
     # -- single values -------------------------------------------------------
 
@@ -156,6 +198,7 @@ class KeyRing:
 
         Raises:
             EncryptionError: `plaintext` is not valid unicode.
+            TypeError: `plaintext` is not a str (bytes and bytearray included).
         """
         return self.encrypt_at_time(plaintext, int(time.time()))
 
@@ -171,6 +214,7 @@ class KeyRing:
 
         Raises:
             DecryptionError: the token is corrupt or made under none of the keys.
+            TypeError: `token` is not a str.
         """
         return self.decrypt_with_key_index(token)[0]
 
@@ -180,7 +224,9 @@ class KeyRing:
         Raises:
             DecryptionError: no configured key decrypts the token.
         """
-        result = decrypt_tokens(self._keys, [token])[0]
+        if not isinstance(token, str):
+            raise TypeError(f"a token must be a str, not {type(token).__name__}")
+        result = decrypt_tokens(self._keys, [token.strip()])[0]
         if result is None:
             raise DecryptionError()
         return result
@@ -237,6 +283,9 @@ class KeyRing:
         """
         out = list(values)
         todo = [index for index, value in enumerate(out) if value]
+        for index in todo:
+            if not isinstance(out[index], str):
+                raise TypeError(f"a token must be a str, not {type(out[index]).__name__}")
         results = decrypt_tokens(self._keys, [out[index] for index in todo])  # type: ignore[misc]
         for index, result in zip(todo, results, strict=True):
             if result is None:
@@ -280,6 +329,8 @@ def encrypt_api_key(plaintext: str | None) -> str | None:
     Raises:
         EncryptionKeyMissingError: `ENCRYPTION_KEY` is not set.
     """
+    if plaintext is not None and not isinstance(plaintext, str):
+        raise TypeError(f"a secret must be a str or None, not {type(plaintext).__name__}")
     if not plaintext:
         return plaintext
     return _ring_from_environment().encrypt(plaintext)
@@ -292,6 +343,8 @@ def decrypt_api_key(ciphertext: str | None) -> str | None:
         EncryptionKeyMissingError: `ENCRYPTION_KEY` is not set.
         DecryptionError: the token is corrupt or made under another key.
     """
+    if ciphertext is not None and not isinstance(ciphertext, str):
+        raise TypeError(f"a token must be a str or None, not {type(ciphertext).__name__}")
     if not ciphertext:
         return ciphertext
     return _ring_from_environment().decrypt(ciphertext)

@@ -4,9 +4,12 @@ Catch `TenantStoreError` to catch them all. The tree::
 
     TenantStoreError
     ├── ConfigurationError (ValueError)
+    │   ├── EmptySettingError
     │   ├── EncryptionKeyMissingError
     │   ├── InvalidEncryptionKeyError
-    │   └── InvalidTenantIdError
+    │   ├── InvalidTenantIdError
+    │   ├── TableDefinitionError
+    │   └── UnknownSecretError
     ├── EncryptionError (ValueError)
     ├── DecryptionError
     │   └── TenantDecryptionError
@@ -41,6 +44,7 @@ __all__ = [
     "DatabaseError",
     "DecryptionError",
     "DestructiveMigrationError",
+    "EmptySettingError",
     "EncryptionError",
     "EncryptionKeyMissingError",
     "InvalidEncryptionKeyError",
@@ -49,10 +53,12 @@ __all__ = [
     "MigrationError",
     "PlaintextSecretError",
     "SqlFileError",
+    "TableDefinitionError",
     "TenantDecryptionError",
     "TenantExistsError",
     "TenantNotFoundError",
     "TenantStoreError",
+    "UnknownSecretError",
 ]
 # Also here, for tenantstore's own modules: database_error, describe_driver_error, printable.
 
@@ -63,6 +69,23 @@ class TenantStoreError(Exception):
 
 class ConfigurationError(TenantStoreError, ValueError):
     """A setting or argument is missing or malformed."""
+
+
+class EmptySettingError(ConfigurationError):
+    """A setting is present but blank, as `export NAME="$UNSET_VARIABLE"` leaves it.
+
+    Kept apart from a missing setting on purpose: a blank key is a mistake to
+    fix, never a reason to carry on as if no key had been configured (the
+    migration CLI tolerates a missing `ENCRYPTION_KEY` for some commands, not
+    this). The message names the setting only.
+
+    Attributes:
+        setting: the setting's name; `OLD_ENCRYPTION_KEY[1]` for an entry of a list.
+    """
+
+    def __init__(self, setting: str) -> None:
+        self.setting = setting
+        super().__init__(f"{setting} is set but empty: give it a value or remove the setting")
 
 
 class EncryptionKeyMissingError(ConfigurationError):
@@ -92,6 +115,18 @@ class InvalidEncryptionKeyError(ConfigurationError):
 
 class InvalidTenantIdError(ConfigurationError):
     """A tenant id cannot be stored in PostgreSQL (empty, NUL byte, invalid unicode, too long)."""
+
+
+class TableDefinitionError(ConfigurationError):
+    """An encrypted table's declaration does not fit the names or the catalog.
+
+    The message names the table or column and what is wrong with it (missing,
+    not text, key not unique or nullable, ...); nothing has been changed.
+    """
+
+
+class UnknownSecretError(ConfigurationError):
+    """A secret name that the table does not declare (`set_secrets(oauth_tokn=...)`)."""
 
 
 class EncryptionError(TenantStoreError, ValueError):
@@ -125,14 +160,29 @@ class TenantDecryptionError(DecryptionError):
 
 
 class PlaintextSecretError(TenantStoreError):
-    """A stored secret is plaintext and the repository was told not to accept that."""
+    """A stored secret is plaintext where a token was required (`allow_plaintext=False`).
 
-    def __init__(self, tenant_id: str, column: str, *, label: str | None = None) -> None:
+    `tenant_id` and `column` say which, for the repository; `AsyncCrypto`
+    names the value's position in the list instead.
+    """
+
+    def __init__(
+        self,
+        tenant_id: str | None,
+        column: str | None,
+        *,
+        label: str | None = None,
+        position: int | None = None,
+    ) -> None:
         self.tenant_id = tenant_id
         self.column = column
+        self.position = position
+        if tenant_id is None:
+            what = f"value {position}" if position is not None else "a value"
+        else:
+            what = f"{label or printable(column or 'secret')} for tenant {printable(tenant_id)}"
         super().__init__(
-            f"{label or printable(column)} for tenant {printable(tenant_id)} is stored as "
-            "plaintext (run `python -m tenantstore.migrate encrypt`)"
+            f"{what} is stored as plaintext (run `python -m tenantstore.migrate encrypt`)"
         )
 
 
@@ -156,16 +206,20 @@ class DatabaseError(TenantStoreError):
     """PostgreSQL or the connection to it failed.
 
     The message is built by `describe_driver_error`: class, SQLSTATE and object
-    names, never row values. The driver's error is chained as the cause only
-    as a sanitised copy (same class and SQLSTATE, no DETAIL, no query), so a
-    traceback shows nothing the message does not.
+    names, never row values. The driver's error is not chained (its DETAIL
+    holds row values and a traceback would print it); `driver_error` holds a
+    sanitised copy instead: the same asyncpg class and SQLSTATE, no DETAIL,
+    no query.
 
     Attributes:
         operation: what tenantstore was doing (`get_tenant`, `encrypt`, ...).
         sqlstate: PostgreSQL's error code, when the server sent one.
         constraint_name: the violated constraint, when there is one.
         tenant_id: the row's key, when one row was concerned.
+        driver_error: the sanitised copy of the driver's error, or None.
     """
+
+    driver_error: BaseException | None = None
 
     def __init__(
         self,
@@ -203,15 +257,18 @@ class MigrationChecksumError(MigrationError):
 
 
 class DestructiveMigrationError(MigrationError):
-    """A down step would drop a table that still holds rows."""
+    """A down step would drop a table that still holds rows, or a column that holds values."""
 
-    def __init__(self, filename: str, table: str, rows: int) -> None:
+    def __init__(self, filename: str, table: str, rows: int, *, column: str | None = None) -> None:
         self.filename = filename
         self.table = table
+        self.column = column
         self.rows = rows
+        what = f"table {table}, which holds {rows} rows"
+        if column is not None:
+            what = f"column {table}.{column}, which holds {rows} values"
         super().__init__(
-            f"Refusing {filename}: it drops table {table}, which holds {rows} rows "
-            "(pass --yes / confirm=True to drop them)"
+            f"Refusing {filename}: it drops {what} (pass --yes / confirm=True to drop them)"
         )
 
 
@@ -322,10 +379,10 @@ def database_error(
 ) -> DatabaseError:
     """Translate a driver error into a `DatabaseError` that holds no row value.
 
-    Use as `raise database_error(exc, "get_tenant", tenant_id=...)` inside the
-    `except` block: the result's cause is a sanitised copy of `exc` and its
-    context is suppressed, so neither a traceback nor a logging handler ever
-    prints the original's DETAIL.
+    Use as `raise database_error(exc, "get_tenant", tenant_id=...) from None`
+    inside the `except` block, so neither a traceback nor a logging handler
+    ever prints the original's DETAIL; a sanitised copy of `exc` is kept as
+    `driver_error`.
     """
     where = f" for tenant {printable(tenant_id)}" if tenant_id is not None else ""
     error = DatabaseError(
@@ -335,6 +392,5 @@ def database_error(
         constraint_name=getattr(exc, "constraint_name", None),
         tenant_id=tenant_id,
     )
-    error.__cause__ = _sanitised_copy(exc)
-    error.__suppress_context__ = True
+    error.driver_error = _sanitised_copy(exc)
     return error

@@ -184,7 +184,7 @@ async def test_create_pool_describes_a_refused_connection_without_the_drivers_va
     assert str(error).startswith("cannot connect to PostgreSQL at postgresql://postgres:***@/")
     assert "InvalidParameterValueError (SQLSTATE 22023)" in str(error)
     assert error.sqlstate == "22023"
-    assert isinstance(error.__cause__, asyncpg.InvalidParameterValueError)
+    assert isinstance(error.driver_error, asyncpg.InvalidParameterValueError)
     assert error.__context__ is None
     assert "Mike0" not in error_texts(error)
 

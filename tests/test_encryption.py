@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from tenantstore import (
     ConfigurationError,
     DecryptionError,
+    EmptySettingError,
     EncryptionError,
     EncryptionKeyMissingError,
     InvalidEncryptionKeyError,
@@ -31,6 +32,7 @@ from tenantstore.encryption import (
     encrypt_api_key,
     generate_encryption_key,
     is_encrypted,
+    key_id,
 )
 
 DECRYPTION_MESSAGE = "Invalid encrypted data or wrong encryption key"
@@ -204,7 +206,6 @@ def _tampered(token: str) -> str:
         pytest.param(lambda ring: ring.encrypt(PLAINTEXT)[:-8], id="truncated"),
         pytest.param(lambda ring: _tampered(ring.encrypt(PLAINTEXT)), id="tampered"),
         pytest.param(lambda ring: "gAAAAAé" * 20, id="non-ascii"),
-        pytest.param(lambda ring: None, id="none"),
         pytest.param(
             lambda ring: Fernet(KEY).encrypt(b"\xff\xfe").decode(), id="plaintext-not-utf8"
         ),
@@ -294,12 +295,14 @@ def test_from_env_without_encryption_key_raises_missing_error() -> None:
     assert info.value.setting == "ENCRYPTION_KEY"
 
 
-def test_from_env_treats_a_blank_encryption_key_as_missing(
+def test_from_env_refuses_a_blank_encryption_key_naming_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Blank is a mistake to fix (exit 2), never "not set" (which some commands tolerate)."""
     monkeypatch.setenv("ENCRYPTION_KEY", "   ")
-    with pytest.raises(EncryptionKeyMissingError):
+    with pytest.raises(EmptySettingError, match="ENCRYPTION_KEY is set but empty") as info:
         KeyRing.from_env()
+    assert not isinstance(info.value, EncryptionKeyMissingError)
 
 
 def test_from_env_with_only_old_keys_still_raises_missing_error(
@@ -325,12 +328,45 @@ def test_from_env_reads_comma_separated_old_keys(
         assert keyring.key_index(KeyRing(old).encrypt("x")) == index
 
 
-def test_from_env_ignores_an_empty_old_encryption_key(
+def test_from_env_refuses_an_empty_old_encryption_key(
     monkeypatch: pytest.MonkeyPatch, key: str
 ) -> None:
+    """`export OLD_ENCRYPTION_KEY="$ENCRYPTION_KEY"` with an empty shell variable."""
     monkeypatch.setenv("ENCRYPTION_KEY", key)
     monkeypatch.setenv("OLD_ENCRYPTION_KEY", "")
-    assert KeyRing.from_env().previous_count == 0
+    with pytest.raises(EmptySettingError, match="OLD_ENCRYPTION_KEY is set but empty"):
+        KeyRing.from_env()
+
+
+@pytest.mark.parametrize(
+    "value", [pytest.param(b"AIza", id="bytes"), pytest.param(bytearray(b"AIza"), id="bytearray"),
+              pytest.param(None, id="none"), pytest.param(42, id="int")],
+)  # fmt: skip
+def test_non_str_values_are_rejected_with_type_error(value: object) -> None:
+    """The documented types are str (and None for the seed functions); the rest is a TypeError."""
+    ring = KeyRing(KEY)
+    with pytest.raises(TypeError):
+        ring.encrypt(value)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        ring.decrypt(value)  # type: ignore[arg-type]
+    if value is not None:
+        with pytest.raises(TypeError):
+            ring.encrypt_batch([value])  # type: ignore[list-item]
+        with pytest.raises(TypeError):
+            ring.decrypt_batch([value])  # type: ignore[list-item]
+
+
+def test_key_ids_name_keys_stably_without_revealing_them(key: str, old_key: str) -> None:
+    ring = KeyRing(key, [old_key])
+    assert ring.key_ids == (key_id(key), key_id(old_key)) and ring.primary_key_id == key_id(key)
+    assert len(key_id(key)) == 12 and all(c in "0123456789abcdef" for c in key_id(key))
+    assert key_id(key) != key_id(old_key) and key_id(key) == KeyRing(key).primary_key_id
+    assert key_id(key) not in key and key_id(key) in repr(ring) and key not in repr(ring)
+
+
+def test_keyring_is_encrypted_is_the_structural_check(key: str) -> None:
+    ring = KeyRing(key)
+    assert KeyRing.is_encrypted(ring.encrypt("x")) and not ring.is_encrypted("AIza-plain")
 
 
 def test_from_env_process_environment_wins_over_env_secrets_file(

@@ -28,6 +28,14 @@ async def tables(pool: asyncpg.Pool) -> set[str]:
     return {r[0] for r in rows}
 
 
+ALL = [
+    "0001_create_tenants",
+    "0002_encrypt_gemini_api_keys",
+    "0003_add_secret_columns",
+    "0004_encrypt_secret_columns",
+]
+
+
 async def versions(pool: asyncpg.Pool) -> list[int]:
     return [r[0] for r in await pool.fetch("SELECT version FROM tenantstore_migrations ORDER BY 1")]
 
@@ -36,22 +44,22 @@ async def test_up_applies_everything_and_status_reports_it(
     pool: asyncpg.Pool, keyring: KeyRing
 ) -> None:
     report = await upgrade(pool, keyring)
-    assert report.applied == ["0001_create_tenants", "0002_encrypt_gemini_api_keys"]
-    assert report.version == 2
+    assert report.applied == ALL
+    assert report.version == 4
     assert {"tenants", "tenantstore_migrations"} <= await tables(pool)
     status = await migration_status(pool)
-    assert status.version == 2 and status.pending == [] and status.changed == []
+    assert status.version == 4 and status.pending == [] and status.changed == []
     again = await upgrade(pool, keyring)
-    assert again.applied == [] and again.summary() == "Nothing to do: schema is at version 2"
+    assert again.applied == [] and again.summary() == "Nothing to do: schema is at version 4"
 
 
 async def test_up_to_a_target_and_down_steps(pool: asyncpg.Pool, keyring: KeyRing) -> None:
     await upgrade(pool, keyring, target=1)
     assert await versions(pool) == [1]
-    assert (await migration_status(pool)).pending == ["0002_encrypt_gemini_api_keys"]
+    assert (await migration_status(pool)).pending == ALL[1:]
     await upgrade(pool, keyring)
-    report = await downgrade(pool, keyring, steps=2)
-    assert report.applied == ["0002_encrypt_gemini_api_keys", "0001_create_tenants"]
+    report = await downgrade(pool, keyring, steps=4)
+    assert report.applied == ALL[::-1]
     assert await versions(pool) == []
     assert "tenants" not in await tables(pool)
 
@@ -108,14 +116,15 @@ async def test_failed_migration_leaves_nothing_half_applied(
 ) -> None:
     migrations = _extra(
         {
-            "0003_half.up.sql": "CREATE TABLE half_done (x int);\nSELECT 1 / 0;\n",
-            "0003_half.down.sql": "DROP TABLE half_done;\n",
+            "0005_half.up.sql": "CREATE TABLE half_done (x int);\nSELECT 1 / 0;\n",
+            "0005_half.down.sql": "DROP TABLE half_done;\n",
         }
     )
-    with pytest.raises(MigrationError, match=r"0003_half\.up\.sql failed"):
+    with pytest.raises(MigrationError, match=r"0005_half\.up\.sql failed") as info:
         await upgrade(pool, keyring, migrations=migrations)
+    assert "DivisionByZeroError (SQLSTATE 22012)" in str(info.value)
     assert "half_done" not in await tables(pool)
-    assert await versions(pool) == [1, 2]
+    assert await versions(pool) == [1, 2, 3, 4]
 
 
 async def test_no_transaction_migration_can_create_index_concurrently(
@@ -123,9 +132,9 @@ async def test_no_transaction_migration_can_create_index_concurrently(
 ) -> None:
     migrations = _extra(
         {
-            "0003_index.up.sql": "-- tenantstore: no-transaction\n"
+            "0005_index.up.sql": "-- tenantstore: no-transaction\n"
             "CREATE INDEX CONCURRENTLY IF NOT EXISTS tenants_name ON tenants (name);\n",
-            "0003_index.down.sql": "-- tenantstore: no-transaction\n"
+            "0005_index.down.sql": "-- tenantstore: no-transaction\n"
             "DROP INDEX CONCURRENTLY IF EXISTS tenants_name;\n",
         }
     )
@@ -142,8 +151,8 @@ async def test_concurrent_upgrades_in_process_apply_once(
     try:
         reports = await asyncio.gather(*(upgrade(p, keyring) for p in pools))  # type: ignore[arg-type]
         applied = sorted(label for r in reports for label in r.applied)
-        assert applied == ["0001_create_tenants", "0002_encrypt_gemini_api_keys"]
-        assert await versions(pools[0]) == [1, 2]  # type: ignore[arg-type]
+        assert applied == ALL
+        assert await versions(pools[0]) == [1, 2, 3, 4]  # type: ignore[arg-type]
     finally:
         for p in pools:
             await p.close()  # type: ignore[union-attr]
@@ -179,7 +188,7 @@ async def test_lock_held_on_a_dedicated_connection_is_released_after_the_run(
     lock = await asyncpg.connect(database_url)
     try:
         report = await upgrade(pool, keyring, connection=lock)
-        assert report.version == 2
+        assert report.version == 4
         held = await pool.fetchval(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1",
             lock.get_server_pid(),
@@ -237,7 +246,7 @@ async def test_cli_up_status_down_exit_codes(
         run_cli, ["status", "--database-url", database_url], env, tmp_path
     )
     assert status.returncode == 0, status.stderr
-    assert "Schema version: 2" in status.stdout
+    assert "Schema version: 4" in status.stdout
     assert "0 undecryptable" in status.stdout
     down = await asyncio.to_thread(run_cli, ["down", "--database-url", database_url], env, tmp_path)
     assert down.returncode == 0, down.stderr
@@ -299,11 +308,8 @@ async def test_two_concurrent_cli_runners_apply_each_migration_once(
     )
     assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
     applied = [line for r in results for line in r.stderr.splitlines() if "Applying" in line]
-    assert sorted(applied) == [
-        "INFO Applying 0001_create_tenants",
-        "INFO Applying 0002_encrypt_gemini_api_keys",
-    ]
-    assert await versions(pool) == [1, 2]
+    assert sorted(applied) == [f"INFO Applying {label}" for label in ALL]
+    assert await versions(pool) == [1, 2, 3, 4]
 
 
 @pytest.mark.slow
@@ -323,4 +329,4 @@ def test_embedded_default_starts_without_database_url(tmp_path: Path, key: str) 
         assert result.returncode == 0, result.stderr
         assert f"embedded development PostgreSQL in {tmp_path}/.tenantstore/pgdata" in result.stderr
     assert (tmp_path / ".tenantstore" / "pgdata" / "PG_VERSION").exists()
-    assert result.stdout.strip() == "Nothing to do: schema is at version 2"
+    assert result.stdout.strip() == "Nothing to do: schema is at version 4"

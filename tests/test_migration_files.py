@@ -202,11 +202,13 @@ def test_down_file_with_another_name_than_its_up_file_is_an_error() -> None:
 # -- shipped migrations ------------------------------------------------------------
 
 
-def test_shipped_migrations_are_0001_and_0002() -> None:
+def test_shipped_migrations_are_numbered_from_0001() -> None:
     migrations = load_migrations()
     assert [m.label for m in migrations] == [
         "0001_create_tenants",
         "0002_encrypt_gemini_api_keys",
+        "0003_add_secret_columns",
+        "0004_encrypt_secret_columns",
     ]
     assert all(m.down is not None for m in migrations)
 

@@ -9,9 +9,16 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from tenantstore import Tenant
+from tenantstore import EncryptedTable, Tenant
+from tenantstore.models import TENANTS, secret_fields
 
 SECRET = "AIzaSyModelSecret0123456789abcdefghijklm"
+SECRETS = {
+    "gemini_api_key": SECRET,
+    "oauth_access_token": "ya29.access-token-secret-0123456789",
+    "oauth_refresh_token": "1//refresh-token-secret-0123456789",
+    "webhook_signing_secret": "whsec_signing-secret-0123456789",
+}
 CREATED = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
 UPDATED = datetime(2024, 6, 7, 8, 9, 10, tzinfo=timezone(timedelta(hours=2)))
 
@@ -20,12 +27,33 @@ def make_tenant(**overrides: object) -> Tenant:
     data: dict[str, object] = {
         "tenant_id": "acme",
         "name": "Acme Corp",
-        "gemini_api_key": SECRET,
+        **SECRETS,
         "created_at": CREATED,
         "updated_at": UPDATED,
     }
     data.update(overrides)
     return Tenant.model_validate(data)
+
+
+def from_row(**overrides: object) -> Tenant:
+    values: dict[str, object] = {
+        "tenant_id": "acme",
+        "name": "Acme Corp",
+        **SECRETS,
+        "created_at": CREATED,
+        "updated_at": UPDATED,
+    }
+    values.update(overrides)
+    return Tenant.from_row(values)
+
+
+def test_the_tenants_table_is_derived_from_the_model_secret_fields() -> None:
+    """Each secret is declared once, as a SecretStr field; TENANTS follows the model."""
+    assert EncryptedTable(
+        "tenants", key="tenant_id", secrets=tuple(SECRETS), labels=secret_fields(Tenant)
+    ) == TENANTS
+    assert TENANTS.label("gemini_api_key") == "Gemini API key"
+    assert TENANTS.label("oauth_refresh_token") == "OAuth refresh token"
 
 
 def test_validated_key_is_a_secret_str_with_the_plaintext_inside() -> None:
@@ -47,10 +75,11 @@ def test_validated_key_is_a_secret_str_with_the_plaintext_inside() -> None:
     ],
 )
 def test_secret_is_hidden_in_every_rendering(render: Callable[[Tenant], str]) -> None:
-    for tenant in (make_tenant(), Tenant.from_row("acme", "Acme", SECRET, CREATED, UPDATED)):
+    for tenant in (make_tenant(), from_row()):
         text = render(tenant)
-        assert SECRET not in text
-        assert SECRET[4:20] not in text
+        for secret in SECRETS.values():
+            assert secret not in text
+            assert secret[4:20] not in text
         assert "**********" in text
 
 
@@ -58,19 +87,22 @@ def test_model_dump_json_masks_but_keeps_the_other_fields() -> None:
     data = json.loads(make_tenant().model_dump_json())
     assert data["tenant_id"] == "acme"
     assert data["name"] == "Acme Corp"
-    assert data["gemini_api_key"] == "**********"
+    for column in SECRETS:
+        assert data[column] == "**********"
     assert data["created_at"] == "2024-01-02T03:04:05Z"
 
 
-def test_key_may_be_absent() -> None:
-    tenant = make_tenant(gemini_api_key=None)
-    assert tenant.gemini_api_key is None
-    assert Tenant.from_row("acme", "Acme Corp", None, CREATED, UPDATED).gemini_api_key is None
+def test_every_secret_may_be_absent() -> None:
+    absent = dict.fromkeys(SECRETS)
+    for tenant in (make_tenant(**absent), from_row(**absent)):
+        assert all(getattr(tenant, column) is None for column in SECRETS)
+    bare = Tenant(tenant_id="a", name="A", created_at=CREATED, updated_at=UPDATED)
+    assert all(getattr(bare, column) is None for column in SECRETS)
 
 
 @pytest.mark.parametrize("key", [SECRET, None])
 def test_from_row_builds_the_same_tenant_as_validation(key: str | None) -> None:
-    built = Tenant.from_row("acme", "Acme Corp", key, CREATED, UPDATED)
+    built = from_row(gemini_api_key=key)
     validated = make_tenant(gemini_api_key=key)
     assert built == validated
     assert built.model_dump() == validated.model_dump()
@@ -104,7 +136,7 @@ def test_aware_datetimes_keep_their_offset() -> None:
 @pytest.mark.parametrize("missing", ["tenant_id", "name", "created_at", "updated_at"])
 def test_required_fields_are_required(missing: str) -> None:
     data = make_tenant().model_dump()
-    data["gemini_api_key"] = SECRET
+    data.update(SECRETS)
     del data[missing]
     with pytest.raises(ValidationError):
         Tenant.model_validate(data)
@@ -114,3 +146,18 @@ def test_validation_errors_do_not_echo_the_secret() -> None:
     with pytest.raises(ValidationError) as info:
         make_tenant(created_at="not a date")
     assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize("field", ["tenant_id", "name", "created_at", *SECRETS])
+def test_validation_errors_never_echo_their_input(field: str) -> None:
+    """A secret given where it does not fit (wrong type) is not repeated by the error's text.
+
+    (`errors()` still carries the input for code that asks for it; `str()` and
+    `repr()`, which is what reaches a log, do not.)
+    """
+    bad: object = [SECRET] if field != "created_at" else SECRET
+    with pytest.raises(ValidationError) as info:
+        make_tenant(**{field: bad})
+    errors = json.dumps(info.value.errors(include_input=False), default=str)
+    for text in (str(info.value), repr(info.value), errors):
+        assert SECRET not in text and SECRET[4:20] not in text

@@ -173,12 +173,22 @@ def test_tqdm_progress_writes_to_the_given_stream() -> None:
     bar = TqdmProgress("encrypt", file=stream)
     bar(30, 100)
     bar(100, 100)
+    shown = bar.bar
+    assert shown is not None and shown.n == 100 and shown.total == 100
     bar.close()
     output = stream.getvalue()
     assert "encrypt" in output
     assert "100%" in output
-    assert bar.bar.n == 100
-    assert bar.bar.total == 100
+
+
+def test_tqdm_bar_is_drawn_from_the_first_call_with_its_total() -> None:
+    """Never a bar without a total: nothing is drawn before the runner has counted."""
+    stream = io.StringIO()
+    bar = TqdmProgress("encrypt", file=stream)
+    assert stream.getvalue() == "" and bar.bar is None
+    bar(0, 500)
+    assert "0/500" in stream.getvalue()
+    bar.close()
 
 
 def test_tqdm_progress_follows_a_changing_total() -> None:

@@ -7,9 +7,19 @@ import re
 import pytest
 
 from tenantstore import SqlFileError, TenantStoreError
-from tenantstore._queries import Query, load_queries, parse_queries, sql_resource
+from tenantstore._queries import (
+    Query,
+    Sql,
+    identifier,
+    join,
+    load_queries,
+    parse_queries,
+    placeholder,
+    render,
+    sql_resource,
+)
 
-SHIPPED_FILES = ("tenants.sql", "secrets.sql", "tracking.sql")
+SHIPPED_FILES = ("tenants.sql", "secrets.sql", "tracking.sql", "catalog.sql")
 
 TWO_QUERIES = """\
 -- A file comment before the first name is allowed.
@@ -144,7 +154,8 @@ def test_load_tenants_sql_has_the_repository_queries() -> None:
         "get_tenant",
         "get_tenants",
         "create_tenant",
-        "set_gemini_api_key",
+        "set_secret",
+        "set_secrets",
         "delete_tenant",
         "first_page_tenants",
         "next_page_tenants",
@@ -155,10 +166,14 @@ def test_load_tenants_sql_has_the_repository_queries() -> None:
 
 def test_load_secrets_and_tracking_sql_have_the_runner_queries() -> None:
     assert set(load_queries("secrets.sql")) == {
+        "present",
         "count_rows",
         "first_page",
         "next_page",
-        "write_batch",
+        "write_assignment",
+        "write_swapped",
+        "write_written",
+        "write_page",
         "current_values",
     }
     assert {"create_migrations_table", "table_row_count", "try_lock", "last_runs"} <= set(
@@ -175,13 +190,17 @@ def _shipped_queries() -> list[Query]:
     return [q for name in SHIPPED_FILES for q in load_queries(name).values()]
 
 
-# The one documented use of `%s`: SQL's own format(), filling in a table name
-# already resolved and quoted by regclass, inside tracking.sql's row counting.
-FORMAT_CALL = re.compile(r"format\('[^'{}]*%s[^'{}]*',\s*[a-z_]*(?:\(\$1\))?\)")
+# The documented uses of format(): SQL's own, filling in a table name already
+# resolved and quoted by regclass (%s) and a column quoted by %I, inside
+# tracking.sql's row and value counting.
+FORMAT_CALL = re.compile(r"format\('[^'{}]*%[sIL][^'{}]*',[^;]*?\)(?= INTO|\))")
 FORMAT_ALLOWED = {
     ("sql/tracking.sql", "table_row_count"),
     ("sql/tracking.sql", "create_row_counter"),
+    ("sql/tracking.sql", "create_value_counter"),
 }
+# Template fields: only simple names, filled by `render` with quoted identifiers.
+TEMPLATE_FIELD = re.compile(r"\{[a-z_]+\}")
 
 
 def test_format_is_used_only_by_the_documented_row_count() -> None:
@@ -195,11 +214,13 @@ def test_shipped_query_uses_dollar_placeholders_and_no_python_formatting(query: 
     sql = query.sql
     if (query.source, query.name) in FORMAT_ALLOWED:
         sql = FORMAT_CALL.sub("", sql)
+    sql = TEMPLATE_FIELD.sub("", sql)
     assert "{" not in sql
     assert "}" not in sql
     assert not re.search(r"%(?:\(\w+\))?[sdrif]", sql), "no Python %-format markers"
     assert not re.search(r"(?<![:\w]):[a-z_]+\b", sql), "named placeholders are not asyncpg's"
     assert "?" not in sql
+    assert not re.search(r"%[sdrifIL]", sql), "no format() outside the documented counters"
     assert query.doc, "every query has a doc comment"
     numbers = sorted({int(n) for n in re.findall(r"\$(\d+)", sql)})
     assert numbers == list(range(1, len(numbers) + 1)), "placeholders are $1..$n"
@@ -210,3 +231,45 @@ def test_shipped_queries_with_parameters_number_them_from_one() -> None:
     assert len(with_params) >= 15
     for query in with_params:
         assert "$1" in query.sql, query.name
+
+
+# -- templates -------------------------------------------------------------------
+
+
+def _template(text: str) -> Query:
+    return parse_queries(f"-- name: t\n-- doc\n{text}\n", source="t.sql")["t"]
+
+
+def test_identifiers_are_always_quoted_and_quotes_doubled() -> None:
+    assert identifier("tenants").text == '"tenants"'
+    assert identifier("order").text == '"order"'
+    assert identifier('we"ird name').text == '"we""ird name"'
+    assert identifier("MixedCase").text == '"MixedCase"'
+
+
+def test_render_fills_fields_with_sql_pieces_only() -> None:
+    query = _template("SELECT {columns} FROM {table} WHERE {key} = $1")
+    sql = render(
+        query,
+        columns=join(", ", [identifier("a"), identifier("b c")]),
+        table=identifier("t"),
+        key=identifier("k"),
+    )
+    assert sql.text == 'SELECT "a", "b c" FROM "t" WHERE "k" = $1'
+    with pytest.raises(TypeError, match="takes Sql, not str"):
+        render(query, columns=Sql("x"), table="t; DROP TABLE t", key=Sql("k"))  # type: ignore[arg-type]
+
+
+def test_render_reports_an_unfilled_field_or_a_format_spec_at_file_and_line() -> None:
+    with pytest.raises(SqlFileError, match=r"\{key\} is not filled at t\.sql:1$"):
+        render(_template("SELECT 1 WHERE {key} = $1"))
+    with pytest.raises(SqlFileError, match=r"format spec at t\.sql:1$"):
+        render(_template("SELECT {key!r}"), key=Sql("k"))
+
+
+def test_placeholders_and_join_refuse_what_is_not_theirs() -> None:
+    assert placeholder(3).text == "$3"
+    with pytest.raises(ValueError, match="positive"):
+        placeholder(0)
+    with pytest.raises(TypeError, match="Sql pieces only"):
+        join(", ", ["a"])  # type: ignore[list-item]

@@ -80,7 +80,7 @@ async def test_duplicate_create_raises_tenant_exists(repo: TenantRepository) -> 
     with pytest.raises(TenantExistsError) as info:
         await repo.create_tenant("acme", "Other", gemini_api_key=API_KEY)
     assert info.value.tenant_id == "acme"
-    assert isinstance(info.value.__cause__, asyncpg.UniqueViolationError)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
     assert API_KEY not in str(info.value)
 
 
@@ -118,7 +118,7 @@ async def test_get_tenants_one_query_one_hop_unknown_absent(
     repo = TenantRepository(schema, keyring, cache_size=0)
     for i in range(5):
         await repo.create_tenant(f"t{i}", f"T{i}", gemini_api_key=f"key-{i}")
-    batches = repo.decryptor.stats.batches
+    batches = repo.crypto.coalescer.stats.batches
     found = await repo.get_tenants(["t0", "t3", "missing", "t4", "t3"])
     assert sorted(found) == ["t0", "t3", "t4"]
     assert {t: v.gemini_api_key.get_secret_value() for t, v in found.items()} == {  # type: ignore[union-attr]
@@ -126,7 +126,7 @@ async def test_get_tenants_one_query_one_hop_unknown_absent(
         "t3": "key-3",
         "t4": "key-4",
     }
-    assert repo.decryptor.stats.batches == batches + 1
+    assert repo.crypto.coalescer.stats.batches == batches + 1
     assert await repo.get_tenants([]) == {}
 
 
@@ -135,11 +135,11 @@ async def test_iter_tenants_keyset_pages_in_order(schema: asyncpg.Pool, keyring:
     ids = [f"tenant-{i:03d}" for i in range(25)]
     for tenant_id in reversed(ids):
         await repo.create_tenant(tenant_id, tenant_id.upper(), gemini_api_key=f"k-{tenant_id}")
-    batches = repo.decryptor.stats.batches
+    batches = repo.crypto.coalescer.stats.batches
     seen = [t async for t in repo.iter_tenants(batch_size=10)]
     assert [t.tenant_id for t in seen] == ids
     assert all(t.gemini_api_key.get_secret_value() == f"k-{t.tenant_id}" for t in seen)  # type: ignore[union-attr]
-    assert repo.decryptor.stats.batches == batches + 3  # one hop per page
+    assert repo.crypto.coalescer.stats.batches == batches + 3  # one hop per page
     with pytest.raises(ValueError, match="batch_size"):
         [t async for t in repo.iter_tenants(batch_size=0)]
 
@@ -243,24 +243,24 @@ async def test_very_long_ids_are_absent_on_read_and_refused_on_create(
         await repo.create_tenant(huge, "Huge")
 
 
-async def test_database_errors_are_translated_and_chained(
+async def test_database_errors_are_translated_with_a_sanitised_driver_error(
     pool: asyncpg.Pool, keyring: KeyRing
 ) -> None:
     repo = TenantRepository(pool, keyring)  # no schema: the table does not exist
     with pytest.raises(DatabaseError) as info:
         await repo.get_tenant("acme")
-    assert isinstance(info.value.__cause__, asyncpg.UndefinedTableError)
+    assert isinstance(info.value.driver_error, asyncpg.UndefinedTableError)
 
 
 async def test_cache_serves_hot_tenants_without_crypto(repo: TenantRepository) -> None:
     await repo.create_tenant("hot", "Hot", gemini_api_key=API_KEY)
     await repo.get_tenant("hot")
-    batches = repo.decryptor.stats.batches
+    batches = repo.crypto.coalescer.stats.batches
     for _ in range(20):
         tenant = await repo.get_tenant("hot")
         assert tenant is not None and tenant.gemini_api_key is not None
         assert tenant.gemini_api_key.get_secret_value() == API_KEY
-    assert repo.decryptor.stats.batches == batches
+    assert repo.crypto.coalescer.stats.batches == batches
 
 
 async def test_cache_never_serves_a_stale_secret(repo: TenantRepository) -> None:
@@ -280,9 +280,9 @@ async def test_cache_is_bounded_and_can_be_off(schema: asyncpg.Pool, keyring: Ke
     assert "5/5" in repr(small)
     off = TenantRepository(schema, keyring, cache_size=0)
     await off.get_tenant("t01")
-    batches = off.decryptor.stats.batches
+    batches = off.crypto.coalescer.stats.batches
     await off.get_tenant("t01")
-    assert off.decryptor.stats.batches == batches + 1
+    assert off.crypto.coalescer.stats.batches == batches + 1
     with pytest.raises(ValueError, match="cache_size"):
         TenantRepository(schema, keyring, cache_size=-1)
 
@@ -331,7 +331,7 @@ async def test_concurrent_gets_share_few_thread_hops(database_url: str, keyring:
         assert [r.gemini_api_key.get_secret_value() for r in results] == [  # type: ignore[union-attr]
             f"key-{i}" for i in range(200)
         ]
-        stats = repo.decryptor.stats
+        stats = repo.crypto.coalescer.stats
         assert stats.requests == 200
         assert stats.batches <= 20, stats  # >= 10 decrypts per hop; a hop per call is 200
     finally:
@@ -390,14 +390,14 @@ async def test_calls_that_need_no_decryption_never_hold_up_the_others(
     repo = TenantRepository(schema, keyring)
     await repo.create_tenant("known", "Known", gemini_api_key=API_KEY)
     await repo.get_tenant("known")  # cached from now on
-    repo._decryptor._max_wait = 30.0  # a stuck batch would time the test out
+    repo.crypto.coalescer._max_wait = 30.0  # a stuck batch would time the test out
     for _ in range(3):
         calls = [repo.get_tenant(f"ghost-{i}") for i in range(20)]
         calls += [repo.get_tenant("known") for _ in range(20)]
         results = await asyncio.wait_for(asyncio.gather(*calls), timeout=10)
         assert results[:20] == [None] * 20 and all(r is not None for r in results[20:])
     other = TenantRepository(schema, keyring, cache_size=0)
-    other._decryptor._max_wait = 30.0
+    other.crypto.coalescer._max_wait = 30.0
     results = await asyncio.wait_for(
         asyncio.gather(*(other.get_tenant(t) for t in ["known", "ghost", "known"])), timeout=10
     )

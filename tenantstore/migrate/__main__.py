@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a migration or batch run failed (or found
 undecryptable secrets); 2 usage or configuration error (such as a missing
-`ENCRYPTION_KEY`), with nothing changed.
+`ENCRYPTION_KEY` or a table that does not fit its declaration), with
+nothing changed; 130 interrupted (Ctrl-C), nothing half-written.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import anyio.to_thread
 import asyncpg
@@ -25,28 +25,26 @@ from ..errors import (
     DestructiveMigrationError,
     EncryptionKeyMissingError,
     TenantStoreError,
+    describe_driver_error,
 )
-from .progress import make_progress
+from ..models import TENANTS
+from ..tables import EncryptedTable
+from ._format import format_status, report_data
+from .progress import make_progress, redirect_logging
 from .schema import MigrationReport, StatusReport, downgrade, migration_status, upgrade
 from .secrets import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_RETRY_FOR,
+    RunOptions,
     SecretsReport,
-    decrypt_secrets,
-    encrypt_secrets,
-    rotate_secrets,
-    verify_secrets,
+    run_operation,
 )
 
-__all__ = ["format_status", "main", "parse_shard"]
+__all__ = ["main", "parse_shard"]
 
 logger = logging.getLogger("tenantstore")
 
-_BATCH_OPERATIONS = {
-    "encrypt": encrypt_secrets,
-    "decrypt": decrypt_secrets,
-    "rotate": rotate_secrets,
-    "verify": verify_secrets,
-}
+_BATCH_OPERATIONS = ("encrypt", "decrypt", "rotate", "verify")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -62,9 +60,20 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    formatter = argparse.ArgumentDefaultsHelpFormatter
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--database-url", help="PostgreSQL URL (overrides DATABASE_URL)")
-    common.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N")
+    common.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="PostgreSQL URL (overrides DATABASE_URL; unset: the embedded development server)",
+    )
+    common.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help="rows per keyset page and per write",
+    )
     common.add_argument(
         "--shard",
         type=parse_shard,
@@ -72,83 +81,85 @@ def _parser() -> argparse.ArgumentParser:
         metavar="i/N",
         help="process only shard i of N, to split a table across runners",
     )
+    common.add_argument(
+        "--retry-for",
+        type=float,
+        default=DEFAULT_RETRY_FOR,
+        metavar="SECONDS",
+        help="how long a lost database connection is retried, with backoff, before giving up",
+    )
     common.add_argument("--quiet", action="store_true", help="no progress output")
-    common.add_argument("--json", action="store_true", help="print the final report as JSON")
+    common.add_argument(
+        "--json", action="store_true", help="print the final report as JSON on stdout"
+    )
+    target = argparse.ArgumentParser(add_help=False)
+    target.add_argument(
+        "--table",
+        metavar="[SCHEMA.]NAME",
+        help="an application table instead of tenants (needs --key and --column)",
+    )
+    target.add_argument("--key", action="append", metavar="COLUMN", help="--table's key column")
+    target.add_argument(
+        "--column",
+        action="append",
+        metavar="NAME",
+        help="a secret column (repeatable); with no --table, restricts the tenants columns",
+    )
     parser = argparse.ArgumentParser(
         prog="python -m tenantstore.migrate",
         description="Schema migrations and batch encryption of tenant secrets.",
+        formatter_class=formatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    up = commands.add_parser("up", parents=[common], help="apply pending migrations")
+    up = commands.add_parser(
+        "up", parents=[common], help="apply pending migrations", formatter_class=formatter
+    )
     up.add_argument("--to", type=int, metavar="VERSION", help="stop at this version")
-    down = commands.add_parser("down", parents=[common], help="revert the latest N migrations")
-    down.add_argument("steps", nargs="?", type=int, default=1, metavar="N")
-    down.add_argument("--yes", action="store_true", help="allow dropping tables that hold rows")
-    commands.add_parser("status", parents=[common], help="show migrations, runs and counts")
+    down = commands.add_parser(
+        "down", parents=[common], help="revert the latest N migrations", formatter_class=formatter
+    )
+    down.add_argument("steps", nargs="?", type=int, default=1, metavar="N", help="steps to revert")
+    down.add_argument(
+        "--yes", action="store_true", help="allow dropping tables or columns that hold data"
+    )
+    commands.add_parser(
+        "status",
+        parents=[common, target],
+        help="show migrations, runs and secret counts (changes nothing)",
+        formatter_class=formatter,
+    )
     for name, doc in (
         ("encrypt", "encrypt every plaintext secret"),
         ("decrypt", "decrypt every secret back to plaintext"),
-        ("rotate", "re-encrypt every token under ENCRYPTION_KEY"),
+        ("rotate", "re-encrypt under the primary key every token made with an older key"),
     ):
-        commands.add_parser(name, parents=[common], help=doc)
+        commands.add_parser(name, parents=[common, target], help=doc, formatter_class=formatter)
     verify = commands.add_parser(
         "verify",
-        parents=[common],
+        parents=[common, target],
         help="count current, previous-key, plaintext and undecryptable secrets",
+        formatter_class=formatter,
     )
     verify.add_argument(
         "--require-current",
         action="store_true",
-        help="exit 1 unless every secret is a token under ENCRYPTION_KEY",
+        help="exit 1 unless every secret is a token under the primary key",
     )
     return parser
 
 
-def format_status(status: StatusReport) -> list[str]:
-    """The lines `status` prints (no secrets: versions, run states and counts)."""
-    lines = [f"Schema version: {status.version}"]
-    lines += [f"  applied {m.version:04d}_{m.name} at {m.applied_at:%Y-%m-%d %H:%M:%S%z}"
-              for m in status.applied]  # fmt: skip
-    lines += [f"  pending {label}" for label in status.pending]
-    lines += [f"  CHANGED since applied: {name}" for name in status.changed]
-    lines += [f"  UNKNOWN applied version {version:04d}" for version in status.unknown]
-    for run in status.runs:
-        operation = run["operation"]
-        state = "INTERRUPTED" if run["interrupted"] else str(run["status"])
-        line = f"Last {operation}: {state}, started {run['started_at']:%Y-%m-%d %H:%M:%S%z}"
-        line += f", {run['rows_done']} rows done"
-        if run["interrupted"]:
-            line += f" (rerun `python -m tenantstore.migrate {operation}` to finish)"
-        lines.append(line)
-    counts = status.counts
-    if counts is not None:
-        lines.append(
-            f"Secrets: {counts.current} current key, {counts.previous} previous key, "
-            f"{counts.plaintext} plaintext, {counts.failed} undecryptable"
-        )
-        lines += [f"  undecryptable: tenant {tid}" for tid in counts.failed_tenant_ids]
-    else:
-        lines.append("Secrets: not counted (ENCRYPTION_KEY not set)")
-    return lines
-
-
-def _report_data(report: MigrationReport | SecretsReport | StatusReport) -> dict[str, Any]:
-    if isinstance(report, SecretsReport):
-        return report.as_dict()
-    if isinstance(report, MigrationReport):
-        return {
-            "direction": report.direction,
-            "applied": report.applied,
-            "version": report.version,
-            "data": [data.as_dict() for data in report.data],
-        }
-    return {
-        "version": report.version,
-        "pending": report.pending,
-        "changed": report.changed,
-        "runs": [{k: str(v) for k, v in run.items()} for run in report.runs],
-        "counts": None if report.counts is None else report.counts.as_dict(),
-    }
+def _table(args: argparse.Namespace) -> EncryptedTable:
+    """The table a batch command or `status` runs over, from --table/--key/--column."""
+    table = getattr(args, "table", None)
+    keys = getattr(args, "key", None)
+    columns = getattr(args, "column", None)
+    if table is None:
+        if keys:
+            raise ConfigurationError("--key needs --table")
+        return TENANTS if not columns else TENANTS.only(columns)
+    if not keys or not columns:
+        raise ConfigurationError("--table needs --key COLUMN and at least one --column NAME")
+    return EncryptedTable(table, key=keys if len(keys) > 1 else keys[0], secrets=columns)
 
 
 async def _run(args: argparse.Namespace, keyring: KeyRing | None) -> int:
@@ -156,50 +167,32 @@ async def _run(args: argparse.Namespace, keyring: KeyRing | None) -> int:
     if url is None:
         url = await anyio.to_thread.run_sync(embedded_database_url)
     settings = {"application_name": "tenantstore-migrate"}
-    pool = await create_pool(url, min_size=1, max_size=3, server_settings=settings)
+    # min_size=0: no background reconnect loop, whose tracebacks would read like
+    # a crash during an outage the runner reports itself.
+    pool = await create_pool(url, min_size=0, max_size=3, server_settings=settings)
     progress = make_progress(args.command, "none" if args.quiet or args.json else "auto")
-    options: dict[str, Any] = {
+    options: RunOptions = {
         "batch_size": args.batch_size,
         "shard": args.shard,
         "progress": progress,
+        "retry_for": args.retry_for,
     }
     try:
-        report: MigrationReport | SecretsReport | StatusReport
-        if args.command in ("up", "down"):
-            # The schema runner's advisory lock lives on a connection of its own.
-            lock = await asyncpg.connect(url, server_settings=settings)
-            try:
-                if args.command == "up":
-                    report = await upgrade(
-                        pool, keyring, target=args.to, connection=lock, **options
-                    )
-                else:
-                    if keyring is not None:
-                        logger.warning("Migrating down may store secrets in PLAINTEXT again")
-                    report = await downgrade(
-                        pool, keyring, steps=args.steps, confirm=args.yes, connection=lock,
-                        **options,
-                    )  # fmt: skip
-            finally:
-                await lock.close()
-        elif args.command == "status":
-            report = await migration_status(pool)
-            if keyring is not None and "0001_create_tenants" not in report.pending:
-                report.counts = await verify_secrets(pool, keyring, batch_size=args.batch_size)
-            if not args.json:
-                print("\n".join(format_status(report)))
-        else:
-            assert keyring is not None
-            report = await _BATCH_OPERATIONS[args.command](pool, keyring, **options)
+        with redirect_logging(progress):
+            report = await _command(args, keyring, pool, url, options, settings)
     finally:
         progress.close()
         await pool.close()
     if args.json:
-        print(json.dumps(_report_data(report), default=str))
-    elif not isinstance(report, StatusReport):
+        print(json.dumps(report_data(report), default=str))
+    elif isinstance(report, StatusReport):
+        print("\n".join(format_status(report)))
+    else:
+        if isinstance(report, SecretsReport) and len(report.columns) > 1:
+            print("\n".join(report.column_lines()))
         print(report.summary())
     if isinstance(report, SecretsReport):
-        if report.failed_tenant_ids:
+        if report.failures:
             return 1
         if getattr(args, "require_current", False) and (report.previous or report.plaintext):
             print(
@@ -211,17 +204,61 @@ async def _run(args: argparse.Namespace, keyring: KeyRing | None) -> int:
     return 0
 
 
+async def _command(
+    args: argparse.Namespace,
+    keyring: KeyRing | None,
+    pool: asyncpg.Pool,
+    url: str,
+    options: RunOptions,
+    settings: dict[str, str],
+) -> MigrationReport | SecretsReport | StatusReport:
+    if args.command in ("up", "down"):
+        # The schema runner's advisory lock lives on a connection of its own.
+        lock = await asyncpg.connect(url, server_settings=settings)
+        try:
+            if args.command == "up":
+                return await upgrade(pool, keyring, target=args.to, connection=lock, **options)
+            return await downgrade(
+                pool, keyring, steps=args.steps, confirm=args.yes, connection=lock, **options
+            )
+        finally:
+            await lock.close()
+    table = _table(args)
+    if args.command == "status":
+        status = await migration_status(pool)
+        status.table = table.qualified_name
+        if keyring is None:
+            status.not_counted = "ENCRYPTION_KEY not set"
+        else:
+            try:
+                status.counts = await run_operation(
+                    "verify", pool, keyring, record=False, table=table,
+                    batch_size=args.batch_size, retry_for=args.retry_for,
+                )  # fmt: skip
+            except ConfigurationError as exc:  # the table is missing or does not fit
+                status.not_counted = str(exc)
+        return status
+    assert keyring is not None
+    options["table"] = table
+    return await run_operation(args.command, pool, keyring, **options)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the migration CLI and return its exit code."""
     args = _parser().parse_args(argv)
     if args.batch_size <= 0:
         print("error: --batch-size must be greater than zero", file=sys.stderr)
         return 2
+    if args.retry_for < 0:
+        print("error: --retry-for must be zero or greater", file=sys.stderr)
+        return 2
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
+        if args.command not in ("up", "down"):
+            _table(args)  # a bad --table/--column is a usage error, before any I/O
         try:
             keyring: KeyRing | None = KeyRing.from_env()
         except EncryptionKeyMissingError:
@@ -229,6 +266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             keyring = None
         return asyncio.run(_run(args, keyring))
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: {args.command} stopped. Nothing is half-written; run the same "
+            "command again to resume.",
+            file=sys.stderr,
+        )
+        return 130
     except (ConfigurationError, DestructiveMigrationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -236,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        print(f"error: database: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: database: {describe_driver_error(exc)}", file=sys.stderr)
         return 1
     finally:
         logger.removeHandler(handler)

@@ -14,8 +14,8 @@ TRACK = {name: query.sql for name, query in load_queries("tracking.sql").items()
 
 async def ensure_tracking_tables(conn: AnyConnection) -> None:
     """Create the tracking tables if missing; safe while another runner does the same."""
-    for name in ("create_migrations_table", "create_runs_table"):
+    for name in ("create_migrations_table", "create_runs_table", "add_runs_target"):
         try:
             await conn.execute(TRACK[name])
-        except asyncpg.UniqueViolationError:
-            pass  # PostgreSQL's catalog race on concurrent CREATE: the other runner won
+        except (asyncpg.UniqueViolationError, asyncpg.DuplicateColumnError):
+            pass  # PostgreSQL's catalog race on concurrent CREATE / ADD: the other runner won

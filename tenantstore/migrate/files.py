@@ -8,6 +8,8 @@ Comment lines starting `-- tenantstore:` are directives:
   such as `CREATE INDEX CONCURRENTLY`); the file must hold one statement.
 - `-- tenantstore: drops TABLE`: the step drops TABLE; the runner refuses it
   while TABLE holds rows, unless confirmed.
+- `-- tenantstore: drops-column TABLE.COLUMN`: the step drops that column; the
+  runner refuses it while the column holds a non-empty value, unless confirmed.
 - `-- tenantstore: data-step NAME`: the step is the batch runner NAME
   (`encrypt_secrets` or `decrypt_secrets`) instead of SQL.
 """
@@ -40,6 +42,7 @@ class Step:
     transactional: bool = True
     drops: tuple[str, ...] = ()
     data_step: str | None = None
+    drops_columns: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,7 @@ def parse_step(filename: str, text: str) -> Step:
     """
     transactional = True
     drops: list[str] = []
+    drops_columns: list[tuple[str, str]] = []
     data_step: str | None = None
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not _DIRECTIVE_LINE.match(line.strip()):
@@ -80,11 +84,14 @@ def parse_step(filename: str, text: str) -> Step:
             transactional = False
         elif word == "drops" and arg:
             drops.append(arg)
+        elif word == "drops-column" and arg and arg.count(".") == 1 and "" not in arg.split("."):
+            table, column = arg.split(".")
+            drops_columns.append((table, column))
         elif word == "data-step" and arg in DATA_STEPS:
             data_step = arg
         else:
             raise SqlFileError(f"unknown directive {line.strip()!r} at {filename}:{lineno}")
-    return Step(filename, text, transactional, tuple(drops), data_step)
+    return Step(filename, text, transactional, tuple(drops), data_step, tuple(drops_columns))
 
 
 def parse_migrations(files: Mapping[str, str]) -> list[Migration]:

@@ -7,16 +7,25 @@ pure function `format_progress`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
-from typing import Literal, Protocol, TextIO
+from collections.abc import Callable, Iterator
+from typing import Literal, Never, Protocol, TextIO
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-__all__ = ["LogProgress", "Reporter", "TqdmProgress", "format_progress", "make_progress"]
+__all__ = [
+    "LogProgress",
+    "Reporter",
+    "TqdmProgress",
+    "format_progress",
+    "make_progress",
+    "redirect_logging",
+]
 
 logger = logging.getLogger("tenantstore")
 
@@ -66,35 +75,50 @@ class LogProgress:
     def close(self) -> None:
         if self.last is not None:
             done, total = self.last
+            self.last = None  # closed twice (by the runner, then the CLI): logged once
             elapsed = self.clock() - self.started
             logger.info("%s", format_progress(self.label, done, total, elapsed))
+            self.started = self.last_logged = self.clock()
 
 
 class TqdmProgress:
-    """A tqdm bar on stderr: rows done / total, rows per second and ETA."""
+    """A tqdm bar on stderr: rows done / total, rows per second and ETA.
+
+    The bar is drawn from the first call, when the total is known (the runner
+    calls `(0, total)` once it has counted), so it never starts without one.
+    """
 
     def __init__(self, label: str, *, file: TextIO | None = None) -> None:
-        file = file or sys.stderr
-        # A terminal reporting a zero size (a bare pty) would hide the bar: assume 80x24.
-        sized = _columns(file) > 0
-        self.bar = tqdm(
-            desc=label,
-            unit="rows",
-            unit_scale=True,
-            file=file,
-            ncols=None if sized else 80,
-            nrows=None if sized else 24,
-        )
+        self.label = label
+        self.file = file or sys.stderr
+        self.bar: tqdm[Never] | None = None
         self.seen = 0
 
     def __call__(self, done: int, total: int) -> None:
-        if self.bar.total != total:
-            self.bar.total = total
-        self.bar.update(done - self.seen)
+        bar = self.bar
+        if bar is None:
+            # A terminal reporting a zero size (a bare pty) would hide the bar: assume 80x24.
+            sized = _columns(self.file) > 0
+            bar = self.bar = tqdm(
+                desc=self.label,
+                total=total,
+                unit="rows",
+                unit_scale=True,
+                file=self.file,
+                ncols=None if sized else 80,
+                nrows=None if sized else 24,
+            )
+        if bar.total != total:
+            bar.total = total
+        bar.update(done - self.seen)
         self.seen = done
 
     def close(self) -> None:
-        self.bar.close()
+        """Close the bar; a later call (the next data step of `up`) draws a new one."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+            self.seen = 0
 
 
 def _columns(stream: TextIO) -> int:
@@ -122,3 +146,13 @@ def make_progress(label: str, mode: Mode = "auto", *, stream: TextIO | None = No
     if mode == "log":
         return LogProgress(label)
     return _NoProgress()
+
+
+@contextlib.contextmanager
+def redirect_logging(progress: Reporter) -> Iterator[None]:
+    """While a bar is shown, send tenantstore's log lines through tqdm, above the bar."""
+    if isinstance(progress, TqdmProgress):
+        with logging_redirect_tqdm(loggers=[logger]):
+            yield
+    else:
+        yield

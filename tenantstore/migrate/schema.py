@@ -27,6 +27,7 @@ import anyio
 import asyncpg
 from typing_extensions import Unpack
 
+from .._catalog import present_columns
 from ..db import AnyConnection
 from ..encryption import KeyRing
 from ..errors import (
@@ -34,7 +35,9 @@ from ..errors import (
     EncryptionKeyMissingError,
     MigrationChecksumError,
     MigrationError,
+    describe_driver_error,
 )
+from ..models import TENANTS
 from ._tracking import TRACK, ensure_tracking_tables
 from .files import Migration, Step, load_migrations
 from .secrets import RunOptions, SecretsReport, decrypt_secrets, encrypt_secrets
@@ -75,10 +78,38 @@ class MigrationReport:
     data: list[SecretsReport] = field(default_factory=list)
     version: int = 0
 
+    def combined_data(self) -> SecretsReport | None:
+        """The data steps of this run as one report (`up` runs 0002 and 0004).
+
+        Per column: secrets changed by any step, and "already done" as the
+        first step covering the column found them (a later step finds the
+        earlier one's work done, which is not "already" to the operator).
+        """
+        if not self.data:
+            return None
+        combined = SecretsReport(self.data[0].operation, self.data[0].table)
+        for data in self.data:
+            combined.rows = max(combined.rows, data.rows)
+            combined.retries += data.retries
+            combined.elapsed_seconds += data.elapsed_seconds
+            combined.failures += data.failures
+            for name, counts in data.columns.items():
+                first = name not in combined.columns
+                into = combined.column(name)
+                into.changed += counts.changed
+                into.changed_concurrently += counts.changed_concurrently
+                into.failed += counts.failed
+                if first:
+                    into.skipped = counts.skipped
+                    into.plaintext = counts.plaintext
+                    into.keys = counts.keys.copy()
+        return combined
+
     def summary(self) -> str:
-        """The line the CLI ends with: a data step's summary, else what happened."""
-        if self.data:
-            return self.data[-1].summary()
+        """The line the CLI ends with: the data steps' summary, else what happened."""
+        combined = self.combined_data()
+        if combined is not None:
+            return combined.summary()
         if not self.applied:
             return f"Nothing to do: schema is at version {self.version}"
         verb = "Applied" if self.direction == "up" else "Reverted"
@@ -89,7 +120,8 @@ class MigrationReport:
 class StatusReport:
     """Applied and pending migrations, the latest batch run of each operation, and counts.
 
-    `counts` is a verify report, filled in by the CLI when a key ring is available.
+    `counts` is a verify report over `table`, filled in by the CLI when a key
+    ring is available; otherwise `not_counted` says why it is not.
     """
 
     applied: list[AppliedMigration]
@@ -98,6 +130,8 @@ class StatusReport:
     unknown: list[int]
     runs: list[dict[str, object]]
     counts: SecretsReport | None = None
+    table: str = "tenants"
+    not_counted: str | None = None
 
     @property
     def version(self) -> int:
@@ -179,7 +213,8 @@ async def upgrade(
 
     Args:
         pool: the database (at least two connections when a data step runs).
-        keyring: needed when a pending migration is a data step.
+        keyring: needed when a pending migration is a data step; when None,
+            it is read from the environment (`KeyRing.from_env()`) as the CLI does.
         target: the version to stop at.
         migrations: the migrations to apply (default: those shipped in `sql/migrations`).
         connection: a dedicated connection (not from `pool`) to hold the lock and
@@ -187,8 +222,8 @@ async def upgrade(
         **options: passed to the batch runner of a data step (see `RunOptions`).
 
     Raises:
-        EncryptionKeyMissingError: a data step is pending and no key ring was
-            given; checked before anything is applied.
+        EncryptionKeyMissingError: a data step is pending, no key ring was
+            given and none is configured; checked before anything is applied.
         MigrationChecksumError: an applied file has changed.
         MigrationError: a step failed; earlier steps stay applied, it does not.
     """
@@ -206,7 +241,7 @@ async def upgrade(
                 if m.version not in done and (target is None or m.version <= target)
             ]
             if keyring is None and any(m.up.data_step for m in pending):
-                raise EncryptionKeyMissingError()
+                keyring = KeyRing.from_env()
             for m in pending:
                 logger.info("Applying %s", m.label)
                 record = (TRACK["record_migration"], m.version, m.name, m.checksum)
@@ -230,9 +265,17 @@ async def _run_step(
     """Run one step, SQL or data, then its `tracking` statement; record it in `report`."""
     if step.data_step:
         assert keyring is not None  # checked before the first step ran
+        # A data step covers the declared secret columns that exist at its
+        # point in the history (0002 ran before 0003 added the OAuth columns).
+        columns = await present_columns(conn, TENANTS)
+        if not columns:
+            report.applied.append(label)
+            await conn.execute(*tracking)
+            return
         if step.data_step == "decrypt_secrets":
             logger.warning("Decrypting every secret: they will be stored in PLAINTEXT")
-        data = await _DATA_STEPS[step.data_step](pool, keyring, **options)
+        step_options: RunOptions = {**options, "table": TENANTS, "columns": columns}
+        data = await _DATA_STEPS[step.data_step](pool, keyring, **step_options)
         report.data.append(data)
         if data.failed_tenant_ids:
             raise MigrationError(f"{label}: {data.summary()}")
@@ -246,7 +289,7 @@ async def _run_step(
         try:
             await _run_sql(conn, step, *tracking)
         except asyncpg.PostgresError as exc:
-            raise MigrationError(f"{step.filename} failed: {exc}") from exc
+            raise MigrationError(f"{step.filename} failed: {describe_driver_error(exc)}") from None
     report.applied.append(label)
 
 
@@ -284,6 +327,8 @@ async def downgrade(
             applied = await _applied(conn)
             _check_checksums(list(by_version.values()), applied)
             chosen = [by_version[row.version] for row in reversed(applied)][:steps]
+            if keyring is None and any(m.down is not None and m.down.data_step for m in chosen):
+                keyring = KeyRing.from_env()
             await _check_down(conn, chosen, keyring, confirm=confirm)
             for m in chosen:
                 assert m.down is not None  # checked by _check_down
@@ -315,16 +360,35 @@ async def _check_down(
             rows = await conn.fetchval(TRACK["table_row_count"], table)
             if rows and not confirm:
                 raise DestructiveMigrationError(down.filename, table, rows)
+        for table, column in down.drops_columns:
+            await conn.execute(TRACK["create_value_counter"])
+            values = await conn.fetchval(TRACK["column_value_count"], table, column)
+            if values and not confirm:
+                raise DestructiveMigrationError(down.filename, table, values, column=column)
 
 
 async def migration_status(
     pool: asyncpg.Pool, *, migrations: Sequence[Migration] | None = None
 ) -> StatusReport:
-    """Applied, pending, changed and unknown migrations, and the latest batch runs."""
+    """Applied, pending, changed and unknown migrations, and the latest batch runs.
+
+    Read-only: it creates nothing (no tracking table on a fresh database) and
+    records nothing.
+    """
     migrations = load_migrations() if migrations is None else migrations
     async with pool.acquire() as conn:
-        applied = await _applied(conn)
-        runs = [dict(row) for row in await conn.fetch(TRACK["last_runs"])]
+        exist = await conn.fetchrow(TRACK["tracking_tables_exist"])
+        has_migrations, has_runs = (False, False) if exist is None else exist
+        applied: list[AppliedMigration] = []
+        if has_migrations:
+            rows = await conn.fetch(TRACK["applied_migrations"])
+            applied = [AppliedMigration(r[0], r[1], r[2], r[3]) for r in rows]
+        runs: list[dict[str, object]] = []
+        if has_runs:
+            try:
+                runs = [dict(row) for row in await conn.fetch(TRACK["last_runs"])]
+            except asyncpg.UndefinedColumnError:  # tracking table of an older version
+                runs = []
     by_version = {m.version: m for m in migrations}
     done = {row.version for row in applied}
     return StatusReport(

@@ -1,18 +1,19 @@
-"""The secrets batch runner: encrypt, decrypt, rotate and verify a whole table.
+"""The secrets batch runner: encrypt, decrypt, rotate and verify any encrypted table.
 
-Per batch: one keyset page is read (never OFFSET), the crypto for the page
-runs in one worker-thread call, and the changed values are written back by
-one `UPDATE ... FROM unnest(...)` statement guarded by compare-and-swap on
-the value read. The pipeline overlaps the crypto of one page with the reading
-of the next and the writing of the previous, on a single connection.
+Per page: one keyset page is read (never OFFSET) with every secret column of
+the run, the crypto for all of its secrets runs in one worker-thread call,
+and the new values are written back by one `UPDATE ... FROM unnest(...)`
+statement with a compare-and-swap per column. The pipeline overlaps the
+crypto of one page with the reading of the next and the writing of the
+previous, on a single connection.
 
 Safe to kill at any moment and rerun: every write is a single atomic
-statement, a row is only ever changed from the exact value that was read, and
-each operation recognises rows already done. A dropped connection is retried
-with bounded backoff from the last written page.
+statement, a value is only ever changed from the exact value that was read,
+and each operation recognises values already done. A dropped connection is
+retried with backoff, from the last written page, for `retry_for` seconds.
 
 Several runners split a table with `shard=(i, n)`: shard i of n takes the rows
-whose `hashtextextended(tenant_id, 0)` is i modulo n, so no row is done twice.
+whose `hashtextextended(key::text, 0)` is i modulo n, so no row is done twice.
 """
 
 from __future__ import annotations
@@ -21,23 +22,28 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
-from typing import TypedDict
+from collections.abc import Callable, Sequence
+from typing import Any, TypedDict
 
 import anyio
 import anyio.to_thread
 import asyncpg
 from typing_extensions import Unpack
 
-from .._queries import load_queries
+from .._catalog import resolve_table
 from ..db import AnyConnection
 from ..encryption import KeyRing
-from ..errors import ConfigurationError, MigrationError
+from ..errors import ConfigurationError, MigrationError, describe_driver_error, printable
+from ..models import TENANTS
+from ..tables import EncryptedTable
+from ._statements import RunnerStatements
 from ._tracking import TRACK, ensure_tracking_tables
-from .plan import Batch, Operation, SecretsReport, plan_batch
+from .plan import Cell, Operation, SecretsReport, plan_cells
+from .progress import LogProgress, TqdmProgress
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "DEFAULT_RETRY_FOR",
     "Operation",
     "ProgressCallback",
     "RunOptions",
@@ -51,35 +57,41 @@ __all__ = [
 logger = logging.getLogger("tenantstore")
 
 ProgressCallback = Callable[[int, int], None]
-"""Called after every batch with (rows done, rows in total)."""
+"""Called after every page with (rows done, rows in total)."""
 
 DEFAULT_BATCH_SIZE = 2000
-DEFAULT_MAX_RETRIES = 5
+DEFAULT_RETRY_FOR = 60.0
+LOGGED_FAILURES = 10
+"""Failures logged one by one; the rest are counted (all are in the report)."""
 
 
 class RunOptions(TypedDict, total=False):
     """Keyword options of every batch operation.
 
+    table: the `EncryptedTable` to run over (default: `TENANTS`).
+    columns: only these of its secret columns (default: all of them).
     batch_size: rows per keyset page and write (default 2000).
     shard: `(i, n)`: process only shard i of n, to split a table across runners.
-    progress: called as `progress(done, total)` after every batch.
-    max_retries: consecutive connection failures tolerated (default 5).
+    progress: called as `progress(done, total)` after every page.
+    retry_for: seconds a lost connection is retried, from its first failure
+        since the last progress (default 60: a normal crash recovery).
     retry_delay: first backoff in seconds, doubled per failure, capped at 5 s.
     """
 
+    table: EncryptedTable
+    columns: Sequence[str] | None
     batch_size: int
     shard: tuple[int, int]
     progress: ProgressCallback | None
-    max_retries: int
+    retry_for: float
     retry_delay: float
 
-
-_Q = {name: query.sql for name, query in load_queries("secrets.sql").items()}
 
 # Errors after which a fresh connection may well succeed.
 _RETRYABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, pg_terminate_backend
+    asyncpg.exceptions.CannotConnectNowError,  # the server is starting up or recovering
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.InterfaceError,
@@ -91,28 +103,36 @@ _RETRYABLE = (
     TimeoutError,
 )
 
-
 _SLICE = 250
 _REPLANS = 3
 
 
-def _plan_in_slices(operation: Operation, keyring: KeyRing, rows: list[tuple[str, str]]) -> Batch:
-    """`plan_batch` over a page, a slice at a time, in the worker thread.
+def _plan_in_slices(
+    operation: Operation, keyring: KeyRing, cells: Sequence[tuple[int, int, str]]
+) -> list[Cell]:
+    """`plan_cells` over a page, a slice at a time, in the worker thread.
 
     Fernet holds the GIL; between slices the worker lets go of it
     (`time.sleep(0)`), so an event loop waiting for it runs within a slice's
     crypto (~1 ms) instead of up to a whole page's. Still one thread hop per page.
     """
-    batch = Batch()
-    for start in range(0, len(rows), _SLICE):
+    planned: list[Cell] = []
+    for start in range(0, len(cells), _SLICE):
         if start:
             time.sleep(0)
-        batch.extend(plan_batch(operation, keyring, rows[start : start + _SLICE]))
-    return batch
+        planned += plan_cells(operation, keyring, cells[start : start + _SLICE])
+    return planned
+
+
+def _cells(rows: Sequence[asyncpg.Record], width: int) -> list[tuple[int, int, str]]:
+    """The non-empty secrets of a page as (row, column, stored value)."""
+    return [
+        (r, c, value) for r, row in enumerate(rows) for c in range(width) if (value := row[c + 1])
+    ]
 
 
 class _Runner:
-    """One run over the table (or one shard of it)."""
+    """One run over a table (or one shard of it)."""
 
     def __init__(
         self,
@@ -120,33 +140,48 @@ class _Runner:
         keyring: KeyRing,
         operation: Operation,
         *,
-        batch_size: int,
-        shard: tuple[int, int],
-        progress: ProgressCallback | None,
-        max_retries: int,
-        retry_delay: float,
+        table: EncryptedTable = TENANTS,
+        columns: Sequence[str] | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        shard: tuple[int, int] = (0, 1),
+        progress: ProgressCallback | None = None,
+        retry_for: float = DEFAULT_RETRY_FOR,
+        retry_delay: float = 0.2,
+        record: bool = True,
     ) -> None:
+        if not isinstance(keyring, KeyRing):
+            raise TypeError("keyring must be a tenantstore.KeyRing")
         if batch_size <= 0:
             raise ConfigurationError("batch_size is expected to be greater than zero")
         index, count = shard
         if count <= 0 or not 0 <= index < count:
             raise ConfigurationError("shard is expected as (i, n) with 0 <= i < n")
+        if retry_for < 0:
+            raise ConfigurationError("retry_for is expected to be zero or greater")
         self.pool = pool
         self.keyring = keyring
         self.operation: Operation = operation
+        self.table = table if columns is None else table.only(columns)
         self.batch_size = batch_size
         self.shard_args = (count, index)
         self.progress = progress
-        self.max_retries = max_retries
+        self.retry_for = retry_for
         self.retry_delay = retry_delay
-        self.report = SecretsReport(operation)
-        self.last_key: str | None = None  # keyset position after the last finished page
+        self.record = record
+        self.report = SecretsReport(operation, self.table.qualified_name)
+        for column in self.table.secrets:
+            self.report.column(column)
+        self.sql: RunnerStatements | None = None
+        self.last_key: Any = None  # keyset position after the last finished page
+        self.started_keyset = False
         self.done = 0
         self.total = 0
         self.run_id: int | None = None
+        self.first_page = True
 
     async def run(self) -> SecretsReport:
         started = time.perf_counter()
+        outage_started: float | None = None
         failures = 0
         while True:
             done_before = self.done
@@ -157,153 +192,250 @@ class _Runner:
                     await self._finish(conn)
                 break
             except _RETRYABLE as exc:
-                # The budget is for consecutive failures: progress since the last one resets it.
-                failures = 1 if self.done > done_before else failures + 1
+                now = time.monotonic()
+                if outage_started is None or self.done > done_before:
+                    outage_started, failures = now, 0  # progress since: a new outage
+                failures += 1
                 self.report.retries += 1
-                if failures > self.max_retries:
+                if now - outage_started >= self.retry_for:
                     raise MigrationError(
-                        f"{self.operation} stopped after {self.max_retries} retries: lost the "
-                        f"database connection ({type(exc).__name__}). Nothing is half-written; "
+                        f"{self.operation} stopped after {now - outage_started:.0f}s without "
+                        f"the database ({describe_driver_error(exc)}). Nothing is half-written; "
                         "run the command again to finish."
-                    ) from exc
+                    ) from None
                 delay = min(self.retry_delay * 2 ** (failures - 1), 5.0)
                 logger.warning(
-                    "%s: database connection failed (%s); retrying in %.1fs (%d/%d)",
-                    self.operation, type(exc).__name__, delay, failures, self.max_retries,
+                    "%s: lost the database connection (%s); retrying in %.1fs "
+                    "(retry %d, %.0fs of %.0fs allowed)",
+                    self.operation, describe_driver_error(exc), delay, failures,
+                    now - outage_started, self.retry_for,
                 )  # fmt: skip
                 await anyio.sleep(delay)
             except asyncpg.PostgresError as exc:  # not a connection problem: retrying won't help
                 raise MigrationError(
-                    f"{self.operation} stopped: {type(exc).__name__}: {exc}. "
-                    "Nothing is half-written; fix the cause and run the command again."
-                ) from exc
+                    f"{self.operation} of {self.table.qualified_name} stopped: "
+                    f"{describe_driver_error(exc)}. Nothing is half-written; fix the cause "
+                    "and run the command again."
+                ) from None
         self.report.elapsed_seconds = time.perf_counter() - started
         return self.report
 
     async def _start(self, conn: AnyConnection) -> None:
-        if self.run_id is None:
-            await ensure_tracking_tables(conn)
-            self.total = await conn.fetchval(_Q["count_rows"], *self.shard_args)
-            self.run_id = await conn.fetchval(TRACK["start_run"], self.operation)
-        else:
+        if self.sql is None:
+            # Checked against the catalog before anything runs or is recorded.
+            self.sql = RunnerStatements.build(await resolve_table(conn, self.table))
+            self.total = await conn.fetchval(self.sql.count_rows, *self.shard_args)
+            if self.progress is not None:
+                self.progress(0, self.total)
+            if self.record:
+                await ensure_tracking_tables(conn)
+                self.run_id = await conn.fetchval(
+                    TRACK["start_run"], self.operation, self.table.qualified_name
+                )
+        elif self.run_id is not None:
             await conn.execute(TRACK["touch_run"], self.run_id, self.done)
 
     async def _finish(self, conn: AnyConnection) -> None:
-        status = "failed" if self.report.failed_tenant_ids else "completed"
-        counts = json.dumps(
-            {k: v for k, v in self.report.as_dict().items() if k != "failed_tenant_ids"}
-        )
-        await conn.execute(TRACK["finish_run"], self.run_id, status, self.done, counts)
+        if self.run_id is None:
+            return
+        status = "failed" if self.report.failures else "completed"
+        counts = self.report.as_dict()
+        del counts["failures"], counts["failed_tenant_ids"]
+        await conn.execute(TRACK["finish_run"], self.run_id, status, self.done, json.dumps(counts))
 
-    async def _read(self, conn: AnyConnection, after: str | None) -> list[tuple[str, str]]:
-        if after is None:
-            rows = await conn.fetch(_Q["first_page"], self.batch_size, *self.shard_args)
-        else:
-            rows = await conn.fetch(_Q["next_page"], self.batch_size, *self.shard_args, after)
-        return [(row[0], row[1]) for row in rows]
+    async def _read(self, conn: AnyConnection, after: Any, first: bool) -> list[asyncpg.Record]:
+        assert self.sql is not None
+        if first:
+            return await conn.fetch(self.sql.first_page, self.batch_size, *self.shard_args)
+        return await conn.fetch(self.sql.next_page, self.batch_size, *self.shard_args, after)
 
-    def _plan(self, rows: list[tuple[str, str]]) -> asyncio.Future[Batch]:
+    def _plan(self, rows: list[asyncpg.Record]) -> asyncio.Future[list[Cell]]:
+        cells = _cells(rows, len(self.table.secrets))
         return asyncio.ensure_future(
-            anyio.to_thread.run_sync(_plan_in_slices, self.operation, self.keyring, rows)
+            anyio.to_thread.run_sync(_plan_in_slices, self.operation, self.keyring, cells)
         )
 
     async def _pipeline(self, conn: AnyConnection) -> None:
         """Read page k+1 and write page k-1 while the crypto of page k runs in a thread."""
-        rows = await self._read(conn, self.last_key)
+        rows = await self._read(conn, self.last_key, not self.started_keyset)
         planned = self._plan(rows) if rows else None
         try:
             while planned is not None:
-                next_rows = (
-                    await self._read(conn, rows[-1][0]) if len(rows) == self.batch_size else []
-                )
-                batch = await planned
+                next_rows: list[asyncpg.Record] = []
+                if len(rows) == self.batch_size:
+                    next_rows = await self._read(conn, rows[-1][0], False)
+                cells = await planned
                 planned = self._plan(next_rows) if next_rows else None
-                await self._write(conn, batch)
-                self._account(batch, len(rows), rows[-1][0])
-                await conn.execute(TRACK["touch_run"], self.run_id, self.done)
+                self._check_first_page(cells)
+                outcomes = await self._write(conn, rows, cells)
+                # Counted only once the page is written: a page retried after a
+                # lost connection is not counted twice.
+                for cell in outcomes:
+                    self._count(rows, cell)
+                self.last_key, self.started_keyset = rows[-1][0], True
+                self.done += len(rows)
+                self.report.rows += len(rows)
+                if self.run_id is not None:
+                    await conn.execute(TRACK["touch_run"], self.run_id, self.done)
+                if self.progress is not None:
+                    self.progress(self.done, max(self.total, self.done))
                 rows = next_rows
         finally:
             if planned is not None and not planned.done():
                 await asyncio.wait([planned])  # the thread cannot be interrupted; let it end
 
-    async def _write(self, conn: AnyConnection, batch: Batch) -> None:
-        """Write a batch; rows the application changed meanwhile are read and planned anew.
+    def _check_first_page(self, cells: list[Cell]) -> None:
+        """When no token of the first page decrypts, say once that the keys look wrong.
 
-        The compare-and-swap leaves such rows alone. Each is looked at again
-        with its new value (an application may have written plaintext during a
-        rolling deploy) up to `_REPLANS` times; what still moves after that is
-        counted as changed concurrently.
+        `verify` goes on counting; `decrypt` and `rotate` would fail on every
+        token, so they stop here, having changed nothing.
         """
-        ids, old, new = batch.ids, batch.old, batch.new
+        if not self.first_page or self.operation == "encrypt":
+            return
+        self.first_page = False
+        undecryptable = sum(cell.reason == "undecryptable" for cell in cells)
+        decrypted = sum(cell.key_id is not None for cell in cells)
+        if not undecryptable or decrypted:
+            return
+        message = (
+            f"none of the {undecryptable} tokens in the first page of "
+            f"{self.table.qualified_name} decrypts with the configured keys "
+            f"({', '.join(self.keyring.key_ids)}): Invalid encrypted data or wrong encryption key"
+        )
+        if self.operation == "verify":
+            logger.error("The keys look wrong: %s", message)
+            return
+        raise MigrationError(f"{self.operation} stopped, nothing changed: {message}")
+
+    async def _write(
+        self, conn: AnyConnection, rows: list[asyncpg.Record], cells: list[Cell]
+    ) -> list[Cell]:
+        """Write a page; cells the application changed meanwhile are read and planned anew.
+
+        The compare-and-swap leaves such a value alone. Each is looked at
+        again with its new value (an application may have written plaintext
+        during a rolling deploy) up to `_REPLANS` times; what still moves after
+        that is counted as changed concurrently. Returns every secret's final
+        outcome: a cell replanned is returned once, as it ended.
+        """
+        assert self.sql is not None
+        width = len(self.table.secrets)
+        stored = {(r, c): row[c + 1] for r, row in enumerate(rows) for c in range(width)}
+        final: list[Cell] = []
+        pending: dict[tuple[int, int], Cell] = {}
+        for cell in cells:
+            if cell.new is None:
+                final.append(cell)
+            else:
+                pending[cell.row, cell.column] = cell
         for attempt in range(_REPLANS + 1):
-            if not ids:
-                return
-            status = await conn.execute(_Q["write_batch"], ids, old, new, ids[0], ids[-1])
-            written = int(status.rsplit(" ", 1)[1])
-            self.report.changed += written
-            if written == len(ids) or attempt == _REPLANS:
+            if not pending:
+                return final
+            written = await self._swap(conn, rows, stored, pending)
+            final += (pending.pop(place) for place in written)
+            if not pending or attempt == _REPLANS:
                 break
-            ours = dict(zip(ids, new, strict=True))
-            rows = await conn.fetch(_Q["current_values"], ids)
-            moved = [(r[0], r[1]) for r in rows if r[1] and r[1] != ours[r[0]]]
-            again = await anyio.to_thread.run_sync(
-                _plan_in_slices, self.operation, self.keyring, moved
+            keys = list(dict.fromkeys(rows[r][0] for r, _ in pending))
+            now = {row[0]: row for row in await conn.fetch(self.sql.current_values, keys)}
+            again: list[tuple[int, int, str]] = []
+            for r, c in pending:
+                current = now.get(rows[r][0])
+                value = None if current is None else current[c + 1]
+                if value:  # a value deleted or cleared meanwhile is the application's to keep
+                    stored[r, c] = value
+                    again.append((r, c, value))
+            pending = {}
+            replanned = await anyio.to_thread.run_sync(
+                _plan_in_slices, self.operation, self.keyring, again
             )
-            self._count(again)
-            ids, old, new = again.ids, again.old, again.new
-            written = 0
-        self.report.changed_concurrently += len(ids) - written
+            for cell in replanned:
+                if cell.new is None:
+                    final.append(cell)
+                else:
+                    pending[cell.row, cell.column] = cell
+        for cell in pending.values():
+            cell.outcome, cell.key_id = "changed_concurrently", None
+            final.append(cell)
+        return final
 
-    def _count(self, batch: Batch) -> None:
-        report = self.report
-        report.skipped += batch.skipped
-        report.current += batch.current
-        report.previous += batch.previous
-        report.plaintext += batch.plaintext
-        for tenant_id in batch.failed:
-            logger.error("Failed to decrypt Gemini API key for tenant %s", tenant_id)
-        for tenant_id in batch.unstorable:
+    async def _swap(
+        self,
+        conn: AnyConnection,
+        rows: list[asyncpg.Record],
+        stored: dict[tuple[int, int], str],
+        pending: dict[tuple[int, int], Cell],
+    ) -> list[tuple[int, int]]:
+        """One compare-and-swap write of the pending cells; returns those written."""
+        assert self.sql is not None
+        width = len(self.table.secrets)
+        order = sorted({r for r, _ in pending})
+        arrays: list[list[str | None]] = [[] for _ in range(2 * width)]
+        for r in order:
+            for c in range(width):
+                cell = pending.get((r, c))
+                arrays[2 * c].append(None if cell is None else stored[r, c])
+                arrays[2 * c + 1].append(None if cell is None else cell.new)
+        keys = [rows[r][0] for r in order]
+        index = {key: r for key, r in zip(keys, order, strict=True)}
+        result = await conn.fetch(self.sql.write_page, keys, keys[0], keys[-1], *arrays)
+        return [
+            (index[row[0]], c)
+            for row in result
+            for c in range(width)
+            if row[c + 1] and (index[row[0]], c) in pending
+        ]
+
+    def _count(self, rows: list[asyncpg.Record], cell: Cell) -> None:
+        column = self.table.secrets[cell.column]
+        key = rows[cell.row][0]
+        self.report.count(column, cell, key)
+        if cell.outcome != "failed" or self.report.failed > LOGGED_FAILURES:
+            return
+        who = _who(self.table, key)
+        if cell.reason == "undecryptable":
+            logger.error("Failed to decrypt %s for %s", self.table.label(column), who)
+        elif cell.reason == "nul":
             logger.error(
-                "Gemini API key of tenant %s holds a NUL character, which PostgreSQL text "
-                "cannot store: left encrypted",
-                tenant_id,
-            )
-        report.failed_tenant_ids += batch.failed + batch.unstorable
-
-    def _account(self, batch: Batch, rows: int, last_key: str) -> None:
-        self._count(batch)
-        self.last_key = last_key
-        self.done += rows
-        if self.progress is not None:
-            self.progress(self.done, max(self.total, self.done))
+                "%s of %s holds a NUL character, which PostgreSQL text cannot store: "
+                "left encrypted", self.table.label(column), who,
+            )  # fmt: skip
+        else:
+            logger.error(
+                "%s of %s decrypts to a Fernet token, which every later step would take "
+                "for one: left encrypted", self.table.label(column), who,
+            )  # fmt: skip
 
 
-async def _run(
+def _who(table: EncryptedTable, key: Any) -> str:
+    """`tenant acme` for the tenants table, `key 42 of app.integrations` elsewhere."""
+    if table.name == TENANTS.name and table.key == TENANTS.key:
+        return f"tenant {printable(str(key))}"
+    return f"{printable(table.key)} {printable(str(key))} of {table.qualified_name}"
+
+
+async def run_operation(
     operation: Operation,
     pool: asyncpg.Pool,
     keyring: KeyRing,
     *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    shard: tuple[int, int] = (0, 1),
-    progress: ProgressCallback | None = None,
-    max_retries: int = DEFAULT_MAX_RETRIES,
-    retry_delay: float = 0.2,
+    record: bool = True,
+    **options: Unpack[RunOptions],
 ) -> SecretsReport:
-    runner = _Runner(
-        pool,
-        keyring,
-        operation,
-        batch_size=batch_size,
-        shard=shard,
-        progress=progress,
-        max_retries=max_retries,
-        retry_delay=retry_delay,
-    )
+    """Run one operation and log its summary; `record=False` leaves the tracking table alone."""
+    runner = _Runner(pool, keyring, operation, record=record, **options)
     report = await runner.run()
+    progress = options.get("progress")
+    if isinstance(progress, TqdmProgress | LogProgress):
+        progress.close()  # the bar ends before the summary line, not under it
+    if report.failed > LOGGED_FAILURES:
+        logger.error(
+            "... and %d more secrets failed (every one is listed by key and column in --json)",
+            report.failed - LOGGED_FAILURES,
+        )
     logger.info("%s (%.1fs)", report.summary(), report.elapsed_seconds)
     if report.changed_concurrently:
         logger.warning(
-            "%d rows changed concurrently and were left as the application wrote them; "
+            "%d secrets changed concurrently and were left as the application wrote them; "
             "run the command again to cover them",
             report.changed_concurrently,
         )
@@ -315,12 +447,13 @@ async def encrypt_secrets(
 ) -> SecretsReport:
     """Encrypt every plaintext secret; tokens are recognised structurally and skipped.
 
-    Options: see `RunOptions`.
+    Options: see `RunOptions` (`table=`, `columns=` for any declared table).
 
     Raises:
-        MigrationError: the connection kept failing after the retries.
+        TableDefinitionError: the table does not fit its declaration; nothing ran.
+        MigrationError: the database failed, or stayed away for `retry_for` seconds.
     """
-    return await _run("encrypt", pool, keyring, **options)
+    return await run_operation("encrypt", pool, keyring, **options)
 
 
 async def decrypt_secrets(
@@ -328,9 +461,10 @@ async def decrypt_secrets(
 ) -> SecretsReport:
     """Decrypt every token back to plaintext (a rollback); options as `encrypt_secrets`.
 
-    A token no key decrypts is left as it is and listed in `failed_tenant_ids`.
+    A token no key decrypts, or whose plaintext PostgreSQL cannot store or
+    would be read as a token, is left as it is and listed in `failures`.
     """
-    return await _run("decrypt", pool, keyring, **options)
+    return await run_operation("decrypt", pool, keyring, **options)
 
 
 async def rotate_secrets(
@@ -340,14 +474,12 @@ async def rotate_secrets(
 
     Plaintext values are counted in `plaintext` and left for `encrypt_secrets`.
     """
-    return await _run("rotate", pool, keyring, **options)
+    return await run_operation("rotate", pool, keyring, **options)
 
 
 async def verify_secrets(
     pool: asyncpg.Pool, keyring: KeyRing, **options: Unpack[RunOptions]
 ) -> SecretsReport:
-    """Decrypt every token and count current-key, previous-key, plaintext and undecryptable rows.
-
-    Writes nothing to the tenants table.
-    """
-    return await _run("verify", pool, keyring, **options)
+    """Decrypt every token and count, per column and key id, current-key,
+    previous-key, plaintext and undecryptable secrets. Writes nothing to the table."""
+    return await run_operation("verify", pool, keyring, **options)

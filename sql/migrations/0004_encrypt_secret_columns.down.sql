@@ -1,0 +1,3 @@
+-- Decrypt every secret column of tenants back to plaintext (a rollback:
+-- this stores secrets in plaintext again). Needs the keys that encrypted them.
+-- tenantstore: data-step decrypt_secrets

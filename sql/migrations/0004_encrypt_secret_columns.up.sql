@@ -1,0 +1,3 @@
+-- Encrypt every plaintext secret in every secret column of tenants (the
+-- columns 0003 added, and Gemini keys adopted from another layout).
+-- tenantstore: data-step encrypt_secrets
