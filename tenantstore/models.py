@@ -22,7 +22,9 @@ class Tenant(BaseModel):
     """A tenant with its secrets decrypted.
 
     A secret's plaintext is `tenant.gemini_api_key.get_secret_value()` (and
-    likewise for each secret field); None means the tenant has none.
+    likewise for each secret field); None means the tenant has none. A field's
+    title is the name messages use for it (the seed's "Gemini API key");
+    others are named by their column.
     """
 
     model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
@@ -30,9 +32,9 @@ class Tenant(BaseModel):
     tenant_id: str
     name: str
     gemini_api_key: SecretStr | None = Field(default=None, title="Gemini API key")
-    oauth_access_token: SecretStr | None = Field(default=None, title="OAuth access token")
-    oauth_refresh_token: SecretStr | None = Field(default=None, title="OAuth refresh token")
-    webhook_signing_secret: SecretStr | None = Field(default=None, title="webhook signing secret")
+    oauth_access_token: SecretStr | None = None
+    oauth_refresh_token: SecretStr | None = None
+    webhook_signing_secret: SecretStr | None = None
     created_at: AwareDatetime
     updated_at: AwareDatetime
 

@@ -330,3 +330,82 @@ def test_embedded_default_starts_without_database_url(tmp_path: Path, key: str) 
         assert f"embedded development PostgreSQL in {tmp_path}/.tenantstore/pgdata" in result.stderr
     assert (tmp_path / ".tenantstore" / "pgdata" / "PG_VERSION").exists()
     assert result.stdout.strip() == "Nothing to do: schema is at version 4"
+
+
+# -- adopting the seed system's layout and the secret columns ---------------------------
+
+
+async def test_up_adopts_the_seed_layout_with_its_private_gemini_column(
+    pool: asyncpg.Pool, key: str
+) -> None:
+    """tenants._gemini_api_key behind a model property, a mix of pyca tokens and plaintext."""
+    from cryptography.fernet import Fernet
+
+    from tenantstore import TenantRepository
+
+    await pool.execute(
+        """
+        CREATE TABLE tenants (
+            id SERIAL PRIMARY KEY,
+            tenant_id VARCHAR(255) UNIQUE NOT NULL,
+            name VARCHAR(255) NOT NULL,
+            _gemini_api_key TEXT,
+            created_at TIMESTAMP DEFAULT now(),
+            updated_at TIMESTAMP DEFAULT now()
+        )
+        """
+    )
+    pyca = Fernet(key.encode())
+    seed = {
+        "tok-1": pyca.encrypt(b"AIza-token-one").decode(),
+        "tok-2": pyca.encrypt(b"AIza-token-two").decode(),
+        "plain-1": "AIza-plain-one",
+        "none": None,
+        "empty": "",
+    }
+    await pool.executemany(
+        "INSERT INTO tenants (tenant_id, name, _gemini_api_key) VALUES ($1, $1, $2)",
+        list(seed.items()),
+    )
+    ring = KeyRing(key)
+    report = await upgrade(pool, ring)
+    assert report.summary() == "Migration complete: 1 keys encrypted, 2 already encrypted"
+    rows = dict(await pool.fetch("SELECT tenant_id, gemini_api_key FROM tenants"))
+    assert rows["tok-1"] == seed["tok-1"] and rows["tok-2"] == seed["tok-2"]  # never twice
+    assert ring.decrypt(rows["plain-1"]) == "AIza-plain-one"
+    assert rows["none"] is None and rows["empty"] == ""
+    # An old version still running reads its column (now a copy of the tokens)...
+    copies = dict(await pool.fetch("SELECT tenant_id, _gemini_api_key FROM tenants"))
+    assert copies == rows
+    assert pyca.decrypt(copies["plain-1"].encode()) == b"AIza-plain-one"
+    # ...and its writes to it fail loudly instead of being lost.
+    with pytest.raises(asyncpg.PostgresError, match="_gemini_api_key"):
+        await pool.execute("UPDATE tenants SET _gemini_api_key = 'x' WHERE tenant_id = 'none'")
+    repo = TenantRepository(pool, ring)
+    tenant = await repo.get_tenant("tok-2")
+    assert tenant is not None and tenant.gemini_api_key is not None
+    assert tenant.gemini_api_key.get_secret_value() == "AIza-token-two"
+    assert tenant.created_at.tzinfo is not None
+    await repo.set_gemini_api_key("none", "AIza-new")
+    copy = await pool.fetchval("SELECT _gemini_api_key FROM tenants WHERE tenant_id = 'none'")
+    assert pyca.decrypt(copy.encode()) == b"AIza-new"
+
+
+async def test_down_refuses_to_drop_secret_columns_holding_values_unless_confirmed(
+    pool: asyncpg.Pool, keyring: KeyRing
+) -> None:
+    await upgrade(pool, keyring)
+    await pool.execute(
+        "INSERT INTO tenants (tenant_id, name, oauth_refresh_token) VALUES ('a', 'A', 'r')"
+    )
+    await downgrade(pool, keyring)  # 0004 down: decrypt (nothing encrypted yet)
+    with pytest.raises(DestructiveMigrationError, match=r"oauth_refresh_token, which holds 1"):
+        await downgrade(pool, keyring)
+    assert await versions(pool) == [1, 2, 3]
+    await pool.execute("UPDATE tenants SET oauth_refresh_token = ''")
+    await downgrade(pool, keyring)  # an empty string is no value: nothing is lost
+    assert await versions(pool) == [1, 2]
+    columns = await pool.fetch(
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'tenants'::regclass AND attnum > 0"
+    )
+    assert "oauth_refresh_token" not in {r[0] for r in columns}

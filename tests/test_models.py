@@ -49,11 +49,14 @@ def from_row(**overrides: object) -> Tenant:
 
 def test_the_tenants_table_is_derived_from_the_model_secret_fields() -> None:
     """Each secret is declared once, as a SecretStr field; TENANTS follows the model."""
-    assert EncryptedTable(
-        "tenants", key="tenant_id", secrets=tuple(SECRETS), labels=secret_fields(Tenant)
-    ) == TENANTS
+    assert (
+        EncryptedTable(
+            "tenants", key="tenant_id", secrets=tuple(SECRETS), labels=secret_fields(Tenant)
+        )
+        == TENANTS
+    )
     assert TENANTS.label("gemini_api_key") == "Gemini API key"
-    assert TENANTS.label("oauth_refresh_token") == "OAuth refresh token"
+    assert TENANTS.label("oauth_refresh_token") == "oauth_refresh_token"
 
 
 def test_validated_key_is_a_secret_str_with_the_plaintext_inside() -> None:

@@ -12,7 +12,9 @@ import pytest
 from cryptography.fernet import Fernet
 
 from tenantstore import (
+    AsyncCrypto,
     DatabaseError,
+    DecryptionError,
     EncryptionError,
     InvalidTenantIdError,
     KeyRing,
@@ -22,6 +24,7 @@ from tenantstore import (
     TenantExistsError,
     TenantNotFoundError,
     TenantRepository,
+    UnknownSecretError,
     create_pool,
     encryption,
 )
@@ -451,3 +454,148 @@ def test_redact_url_hides_every_password(url: str, shown: str) -> None:
     from tenantstore.db import redact_url
 
     assert redact_url(url) == shown
+
+
+# -- several secrets a tenant -----------------------------------------------------
+
+FOUR = {
+    "gemini_api_key": API_KEY,
+    "oauth_access_token": "ya29.a0-access-token-0123456789",
+    "oauth_refresh_token": "1//0g-refresh-token-0123456789",
+    "webhook_signing_secret": "whsec_0123456789abcdefghij",
+}
+
+
+async def stored_row(pool: asyncpg.Pool, tenant_id: str) -> dict[str, str | None]:
+    row = await pool.fetchrow(
+        "SELECT gemini_api_key, oauth_access_token, oauth_refresh_token, webhook_signing_secret "
+        "FROM tenants WHERE tenant_id = $1",
+        tenant_id,
+    )
+    assert row is not None
+    return dict(row)
+
+
+def secrets_of(tenant: Tenant | None) -> dict[str, str | None]:
+    assert tenant is not None
+    return {
+        column: None if (v := getattr(tenant, column)) is None else v.get_secret_value()
+        for column in FOUR
+    }
+
+
+async def test_every_secret_is_stored_encrypted_and_read_back_in_one_hop(
+    repo: TenantRepository, schema: asyncpg.Pool, keyring: KeyRing
+) -> None:
+    created = await repo.create_tenant("acme", "Acme", **FOUR)
+    assert secrets_of(created) == FOUR
+    raw = await stored_row(schema, "acme")
+    assert all(is_encrypted(v) and keyring.decrypt(v) == FOUR[c] for c, v in raw.items())  # type: ignore[arg-type]
+    fresh = TenantRepository(schema, keyring)  # cold cache
+    batches = fresh.crypto.coalescer.stats.batches
+    assert secrets_of(await fresh.get_tenant("acme")) == FOUR
+    assert fresh.crypto.coalescer.stats.batches == batches + 1  # four secrets, one hop
+
+
+async def test_get_tenants_and_iter_tenants_decrypt_a_page_of_secrets_in_one_hop(
+    schema: asyncpg.Pool, keyring: KeyRing
+) -> None:
+    writer = TenantRepository(schema, keyring)
+    for i in range(12):
+        await writer.create_tenant(f"t{i:02d}", "T", **{c: f"{v}-{i}" for c, v in FOUR.items()})
+    repo = TenantRepository(schema, keyring, cache_size=0)
+    batches = repo.crypto.coalescer.stats.batches
+    many = await repo.get_tenants([f"t{i:02d}" for i in range(12)])
+    assert repo.crypto.coalescer.stats.batches == batches + 1
+    assert secrets_of(many["t07"]) == {c: f"{v}-7" for c, v in FOUR.items()}
+    pages = [t async for t in repo.iter_tenants(batch_size=5)]
+    assert repo.crypto.coalescer.stats.batches == batches + 4  # 5 + 5 + 2
+    assert secrets_of(pages[11])["webhook_signing_secret"] == f"{FOUR['webhook_signing_secret']}-11"
+
+
+async def test_set_secrets_changes_only_the_named_ones_and_none_clears(
+    repo: TenantRepository, schema: asyncpg.Pool
+) -> None:
+    await repo.create_tenant("acme", "Acme", **FOUR)
+    before = await stored_row(schema, "acme")
+    await repo.set_secrets("acme", oauth_access_token="ya29.new", webhook_signing_secret=None)
+    after = await stored_row(schema, "acme")
+    assert after["gemini_api_key"] == before["gemini_api_key"]
+    assert after["oauth_refresh_token"] == before["oauth_refresh_token"]
+    assert after["webhook_signing_secret"] is None
+    assert secrets_of(await repo.get_tenant("acme")) == {
+        **FOUR,
+        "oauth_access_token": "ya29.new",
+        "webhook_signing_secret": None,
+    }
+    await repo.set_gemini_api_key("acme", "AIza-replaced")  # the thin wrapper
+    assert secrets_of(await repo.get_tenant("acme"))["gemini_api_key"] == "AIza-replaced"
+
+
+async def test_unknown_secret_names_are_refused_before_any_io(keyring: KeyRing) -> None:
+    """No database at all: the error comes first, naming the secret."""
+    repo = TenantRepository(None, keyring)  # type: ignore[arg-type]
+    with pytest.raises(UnknownSecretError, match="oauth_tokn") as info:
+        await repo.set_secrets("acme", oauth_tokn="x")
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(UnknownSecretError, match="created_at"):
+        await repo.create_tenant("acme", "Acme", created_at="x")
+    with pytest.raises(TypeError, match="at least one secret"):
+        await repo.set_secrets("acme")
+
+
+async def test_a_decryption_failure_names_the_tenant_and_the_column(
+    repo: TenantRepository, schema: asyncpg.Pool
+) -> None:
+    foreign = Fernet(Fernet.generate_key()).encrypt(b"x").decode()
+    await repo.create_tenant("acme", "Acme", **FOUR)
+    await schema.execute("UPDATE tenants SET oauth_refresh_token = $1", foreign)
+    fresh = TenantRepository(schema, repo.crypto.keyring)
+    with pytest.raises(TenantDecryptionError) as info:
+        await fresh.get_tenant("acme")
+    assert str(info.value) == "Failed to decrypt oauth_refresh_token for tenant acme"
+    assert (info.value.tenant_id, info.value.column) == ("acme", "oauth_refresh_token")
+    await schema.execute(
+        "UPDATE tenants SET oauth_refresh_token = NULL, gemini_api_key = $1", foreign
+    )
+    with pytest.raises(TenantDecryptionError) as info:
+        await fresh.get_tenant("acme")
+    assert str(info.value) == "Failed to decrypt Gemini API key for tenant acme"
+
+
+async def test_a_token_with_surrounding_whitespace_is_read_as_that_token(
+    repo: TenantRepository, schema: asyncpg.Pool, keyring: KeyRing
+) -> None:
+    """Hand-edited rows and `\\copy` artefacts: never served as the key itself."""
+    await repo.create_tenant("acme", "Acme", gemini_api_key=API_KEY)
+    token = await stored(schema, "acme")
+    for padded in (f"{token}\n", f"{token}\r\n", f" {token}", f"\t{token} "):
+        await schema.execute("UPDATE tenants SET gemini_api_key = $1", padded)
+        tenant = await TenantRepository(schema, keyring).get_tenant("acme")
+        assert secrets_of(tenant)["gemini_api_key"] == API_KEY
+
+
+async def test_the_application_shares_the_repository_worker_and_cache(
+    schema: asyncpg.Pool, keyring: KeyRing
+) -> None:
+    crypto = AsyncCrypto(keyring)
+    repo = TenantRepository(schema, crypto)
+    assert repo.crypto is crypto
+    tokens = await crypto.encrypt_many(["client-secret", None, ""])
+    assert tokens[1] is None and all(is_encrypted(t) for t in (tokens[0], tokens[2]))
+    assert await crypto.decrypt_many([tokens[0], None, "", "legacy plaintext", tokens[2]]) == [
+        "client-secret",
+        None,
+        "",
+        "legacy plaintext",
+        "",
+    ]
+    with pytest.raises(PlaintextSecretError, match="value 0 is stored as plaintext"):
+        await crypto.decrypt_many(["legacy plaintext"], allow_plaintext=False)
+    foreign = Fernet(Fernet.generate_key()).encrypt(b"x").decode()
+    with pytest.raises(DecryptionError, match=r"wrong encryption key \(value 1\)"):
+        await crypto.decrypt_many([tokens[0], foreign])
+    with pytest.raises(TypeError):
+        await crypto.encrypt_many([b"bytes"])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="cache_size is for a KeyRing"):
+        TenantRepository(schema, crypto, cache_size=5)

@@ -81,9 +81,10 @@ class MigrationReport:
     def combined_data(self) -> SecretsReport | None:
         """The data steps of this run as one report (`up` runs 0002 and 0004).
 
-        Per column: secrets changed by any step, and "already done" as the
-        first step covering the column found them (a later step finds the
-        earlier one's work done, which is not "already" to the operator).
+        Per column: secrets changed by any step; "already done" as the last
+        step covering the column found them, less what earlier steps of this
+        run did (the last step finds their work done, which is not "already"
+        to the operator).
         """
         if not self.data:
             return None
@@ -94,15 +95,14 @@ class MigrationReport:
             combined.elapsed_seconds += data.elapsed_seconds
             combined.failures += data.failures
             for name, counts in data.columns.items():
-                first = name not in combined.columns
                 into = combined.column(name)
+                earlier = into.changed
                 into.changed += counts.changed
                 into.changed_concurrently += counts.changed_concurrently
                 into.failed += counts.failed
-                if first:
-                    into.skipped = counts.skipped
-                    into.plaintext = counts.plaintext
-                    into.keys = counts.keys.copy()
+                into.skipped = max(0, counts.skipped - earlier)
+                into.plaintext = counts.plaintext
+                into.keys = counts.keys.copy()
         return combined
 
     def summary(self) -> str:

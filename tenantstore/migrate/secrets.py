@@ -63,6 +63,8 @@ DEFAULT_BATCH_SIZE = 2000
 DEFAULT_RETRY_FOR = 60.0
 LOGGED_FAILURES = 10
 """Failures logged one by one; the rest are counted (all are in the report)."""
+WRONG_KEY_EVIDENCE = 5
+"""Undecryptable tokens, and no decryptable one, in the first page that mean "wrong keys"."""
 
 
 class RunOptions(TypedDict, total=False):
@@ -295,8 +297,8 @@ class _Runner:
         self.first_page = False
         undecryptable = sum(cell.reason == "undecryptable" for cell in cells)
         decrypted = sum(cell.key_id is not None for cell in cells)
-        if not undecryptable or decrypted:
-            return
+        if undecryptable < WRONG_KEY_EVIDENCE or decrypted:
+            return  # a few corrupt tokens are failures to list, not a wrong key
         message = (
             f"none of the {undecryptable} tokens in the first page of "
             f"{self.table.qualified_name} decrypts with the configured keys "
