@@ -247,9 +247,9 @@ async def test_terminal_prompt_asks_twice_without_echo_and_stores_the_value(
         terminal = Terminal(
             command("set-secret", "acme", "oauth_access_token", url=database_url), key, tmp_path
         )
-        terminal.expect("New OAuth access token for tenant acme: ")
+        terminal.expect("New oauth_access_token for tenant acme: ")
         terminal.type(f"{secret}\n")
-        terminal.expect("Repeat the OAuth access token for tenant acme: ")
+        terminal.expect("Repeat the oauth_access_token for tenant acme: ")
         terminal.type(f"{secret}\n")
         return terminal.finish()
 
@@ -271,9 +271,9 @@ async def test_terminal_entries_that_differ_exit_2_and_write_nothing(
         terminal = Terminal(
             command("set-secret", "acme", "oauth_access_token", url=database_url), key, tmp_path
         )
-        terminal.expect("New OAuth access token for tenant acme: ")
+        terminal.expect("New oauth_access_token for tenant acme: ")
         terminal.type("first-entry-value\n")
-        terminal.expect("Repeat the OAuth access token for tenant acme: ")
+        terminal.expect("Repeat the oauth_access_token for tenant acme: ")
         terminal.type("second-entry-value\n")
         return terminal.finish()
 
@@ -311,13 +311,13 @@ async def test_a_change_made_while_the_operator_types_is_kept_and_reported(
     terminal = Terminal(
         command("set-secret", "acme", "oauth_refresh_token", url=database_url), key, tmp_path
     )
-    await asyncio.to_thread(terminal.expect, "New OAuth refresh token for tenant acme: ")
+    await asyncio.to_thread(terminal.expect, "New oauth_refresh_token for tenant acme: ")
     concurrent = KeyRing(key).encrypt("refreshed-by-the-application")
     await schema.execute(
         "UPDATE tenants SET oauth_refresh_token = $1 WHERE tenant_id = 'acme'", concurrent
     )
     terminal.type("operator-value\n")
-    await asyncio.to_thread(terminal.expect, "Repeat the OAuth refresh token for tenant acme: ")
+    await asyncio.to_thread(terminal.expect, "Repeat the oauth_refresh_token for tenant acme: ")
     terminal.type("operator-value\n")
     code, screen = await asyncio.to_thread(terminal.finish)
     assert code == 1
@@ -529,20 +529,17 @@ async def test_show_names_each_secrets_state_and_masks_it(
     assert lines[4:] == [
         "Secrets:",
         "  gemini_api_key (Gemini API key): absent",
-        "  oauth_access_token (OAuth access token): absent",
-        f"  oauth_refresh_token (OAuth refresh token): {MASK}  plaintext",
-        f"  webhook_signing_secret (webhook signing secret): {MASK}  "
-        f"encrypted (key {key_id(key)}, primary)",
+        "  oauth_access_token: absent",
+        f"  oauth_refresh_token: {MASK}  plaintext",
+        f"  webhook_signing_secret: {MASK}  encrypted (key {key_id(key)}, primary)",
     ]
     assert await asyncio.to_thread(main, ["show", "beta", "--database-url", database_url]) == 0
     beta = capsys.readouterr().out
     assert beta.splitlines()[5:] == [
         f"  gemini_api_key (Gemini API key): {MASK}  encrypted (key {key_id(old_key)}, previous)",
-        f"  oauth_access_token (OAuth access token): {MASK}  "
-        "undecryptable (none of the configured keys)",
-        f"  oauth_refresh_token (OAuth refresh token): {MASK}  "
-        f"encrypted (key {key_id(key)}, primary)",
-        "  webhook_signing_secret (webhook signing secret): absent",
+        f"  oauth_access_token: {MASK}  undecryptable (none of the configured keys)",
+        f"  oauth_refresh_token: {MASK}  encrypted (key {key_id(key)}, primary)",
+        "  webhook_signing_secret: absent",
     ]
     assert_nothing_revealed(acme + beta, every_state)
 
@@ -576,7 +573,7 @@ async def test_show_json_gives_state_key_and_mask_per_secret(
         ("webhook_signing_secret", "absent", None, None, None),
     ]
     assert [s["label"] for s in acme["secrets"]] == [
-        "Gemini API key", "OAuth access token", "OAuth refresh token", "webhook signing secret",
+        "Gemini API key", "oauth_access_token", "oauth_refresh_token", "webhook_signing_secret",
     ]  # fmt: skip
     assert_nothing_revealed("".join(shown), every_state)
 
@@ -589,9 +586,9 @@ async def test_show_without_encryption_key_reports_tokens_as_key_unknown(
     out = capsys.readouterr()
     assert out.out.splitlines()[5:] == [
         f"  gemini_api_key (Gemini API key): {MASK}  encrypted (key unknown)",
-        f"  oauth_access_token (OAuth access token): {MASK}  encrypted (key unknown)",
-        f"  oauth_refresh_token (OAuth refresh token): {MASK}  encrypted (key unknown)",
-        "  webhook_signing_secret (webhook signing secret): absent",
+        f"  oauth_access_token: {MASK}  encrypted (key unknown)",
+        f"  oauth_refresh_token: {MASK}  encrypted (key unknown)",
+        "  webhook_signing_secret: absent",
     ]
     assert "ENCRYPTION_KEY not set" in out.err
     args = ["show", "acme", "--json", "--database-url", database_url]

@@ -240,7 +240,12 @@ class TenantView:
         ]
         for secret in self.secrets:
             shown = "" if secret.state == "absent" else f"{MASK}  "
-            out.append(f"  {secret.column} ({secret.label}): {shown}{secret.describe()}")
+            named = (
+                secret.column
+                if secret.label == secret.column
+                else (f"{secret.column} ({secret.label})")
+            )
+            out.append(f"  {named}: {shown}{secret.describe()}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
