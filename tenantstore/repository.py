@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from ._cache import RowMemo
 from ._offload import Ticket
 from ._queries import identifier, join, load_queries, placeholder, render
 from .crypto import AsyncCrypto
@@ -152,6 +153,9 @@ class TenantRepository:
         self._crypto = crypto
         self._allow_plaintext = allow_plaintext
         self._set_sql: dict[tuple[str, ...], str] = {}
+        # Tenants by the row they were built from: a warm read whose row is
+        # unchanged costs a dict lookup and a row comparison, no validation.
+        self._tenants: RowMemo[Tenant] = RowMemo(crypto.cache.size)
 
     def __repr__(self) -> str:
         return f"<TenantRepository {self._crypto!r}>"
@@ -303,34 +307,45 @@ class TenantRepository:
 
     async def _to_tenants(self, rows: Sequence[Any], ticket: Ticket | None = None) -> list[Tenant]:
         """Turn rows into tenants, decrypting every uncached token of every row in one batch."""
+        memo = self._tenants
+        tenants: list[Tenant | None] = [memo.get(row[0], row) for row in rows]
+        if all(tenants):
+            return tenants  # type: ignore[return-value]
         cache = self._crypto.cache
-        records: list[dict[str, Any]] = []
+        records: dict[int, dict[str, Any]] = {}
         missing: list[tuple[int, str, str]] = []  # (row, column, token)
         for index, row in enumerate(rows):
-            values = dict(zip(_FIELDS, row, strict=True))
-            records.append(values)
+            if tenants[index] is not None:
+                continue
+            values = records[index] = dict(zip(_FIELDS, row, strict=True))
             for column, at in zip(_SECRETS, _SECRET_AT, strict=True):
                 stored = row[at]
                 if not stored:
+                    continue
+                hit = cache.get(stored)  # keyed by the value as stored: no parsing on a hit
+                if hit is not None:
+                    values[column] = hit
                     continue
                 token = stored_token(stored)
                 if token is None:
                     if not self._allow_plaintext:
                         raise PlaintextSecretError(row[0], column, label=TENANTS.label(column))
                     continue
-                hit = cache.get(token)
-                if hit is not None:
-                    values[column] = hit
-                else:
-                    missing.append((index, column, token))
+                missing.append((index, column, token))
         if missing:
             tokens = [token for _, _, token in missing]
             results = await self._crypto.decrypt_tokens(tokens, ticket=ticket)
-            for (index, column, _), result in zip(missing, results, strict=True):
+            for (index, column, token), result in zip(missing, results, strict=True):
                 if result is None:
                     tenant_id = rows[index][0]
                     error = TenantDecryptionError(tenant_id, column, label=TENANTS.label(column))
                     logger.error("%s", error)
                     raise error
                 records[index][column] = result[0]
-        return [Tenant.from_row(values) for values in records]
+                stored = rows[index][_FIELDS.index(column)]
+                if stored is not token:  # padded with whitespace: remember it as stored too
+                    cache.put(stored, result[0])
+        for index, values in records.items():
+            tenant = tenants[index] = Tenant.from_row(values)
+            memo.put(rows[index][0], rows[index], tenant)
+        return tenants  # type: ignore[return-value]
