@@ -1,18 +1,21 @@
 """How fast is `TenantRepository.get_tenant`, next to its limit and its alternatives?
 
-One run, one fresh database holding the same tenants, variants side by side:
+One run, one fresh database, two sets of tenants: with one secret (a Gemini
+key) and with four (three of the four present on most rows). Per set, the
+variants side by side:
 
-  a  raw asyncpg `fetchrow`, no decryption: the limit
-  b  raw asyncpg + one `anyio.to_thread.run_sync(fernet.decrypt)` per call: the naive offload
+  a  raw asyncpg `fetchrow` of the same row, no decryption: the limit
+  b  `fetchrow` + one `anyio.to_thread.run_sync` per call decrypting the row's secrets
   c  `TenantRepository.get_tenant`, cold (`cache_size=0`) and warm (default cache, primed)
   d  SQLAlchemy 2 async ORM + sqlalchemy-utils `StringEncryptedType(FernetEngine)`: a peer
-  e  raw asyncpg + Fernet decryption inline on the loop: a reference
+  e  `fetchrow` + the row's secrets decrypted inline on the loop: a reference
 
 Each variant gets a fresh pool, `--clients` coroutines drawing the same seeded
 tenant ids, an untimed warm-up, then `--requests` timed ones, while a monitor
-task records the worst event-loop lag. Machines are noisy: read the ratios.
+task records the worst event-loop lag. Rounds interleave the variants, so
+drift hits each alike; the tables give medians, the ratios every round.
 
-    uv run python benchmarks/get_tenant.py --requests 5000 --repeat 3
+    uv run python benchmarks/get_tenant.py --repeat 3
 """
 
 from __future__ import annotations
@@ -46,16 +49,16 @@ from sqlalchemy_utils.types.encrypted.encrypted_type import FernetEngine
 from tenantstore import KeyRing, TenantRepository
 from tenantstore.encryption import generate_encryption_key
 from tenantstore.migrate import upgrade
+from tenantstore.models import TENANTS, Tenant
 
-GET_ROW = (
-    "SELECT tenant_id, name, gemini_api_key, created_at, updated_at "
-    "FROM tenants WHERE tenant_id = $1"
-)
+COLUMNS = ", ".join(Tenant.model_fields)
+GET_ROW = f"SELECT {COLUMNS} FROM tenants WHERE tenant_id = $1"
+SECRET_AT = [list(Tenant.model_fields).index(c) for c in TENANTS.secrets]
 FILL = (
-    "INSERT INTO tenants (tenant_id, name, gemini_api_key) "
-    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[])"
+    f"INSERT INTO tenants (tenant_id, name, {', '.join(TENANTS.secrets)}) "
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])"
 )
-VERIFY_SAMPLE = 200
+VERIFY_SAMPLE = 100
 # (ratio name, numerator, denominator, target): numerator / denominator >= target.
 TARGETS = [
     ("cold c/e", "c cold", "e", 0.85),
@@ -64,6 +67,7 @@ TARGETS = [
     ("cold c/d", "c cold", "d", 3.5),
     ("warm c/d", "c warm", "d", 3.5),
 ]
+SETS = {"1": "one secret", "4": "four secrets"}
 
 
 @dataclass
@@ -75,7 +79,7 @@ class Bench:
     key: str
     pool_size: int
     clients: int
-    plaintexts: dict[str, str]
+    secrets: dict[str, tuple[str | None, ...]]  # tenant id -> plaintexts in TENANTS order
     warmup_ids: list[str]
     measured_ids: list[str]
     sample_ids: list[str]
@@ -83,10 +87,10 @@ class Bench:
 
 @dataclass
 class Subject:
-    """One variant's request (`fetch`) and how to read the secret out of its result."""
+    """One variant's request (`fetch`) and how to read the secrets out of its result."""
 
     fetch: Callable[[str], Awaitable[Any]]
-    reveal: Callable[[Any], str | None]
+    reveal: Callable[[Any], tuple[str | None, ...]]
     stats: Any = None  # the repository's CoalescerStats, for c
 
 
@@ -105,7 +109,7 @@ class Result:
 
 @dataclass
 class Summary:
-    """The median of each figure over the `--repeat` runs of a variant."""
+    """The runs of a variant, and the median of each figure over them."""
 
     runs: list[Result] = field(default_factory=list)
 
@@ -116,8 +120,15 @@ class Summary:
 # -- the variants ---------------------------------------------------------------
 
 
-def _decrypt(fernet: Fernet, token: str) -> str:
-    return fernet.decrypt(token.encode("ascii")).decode("utf-8")
+def _decrypt_row(fernet: Fernet, row: Any) -> tuple[str | None, ...]:
+    return tuple(
+        None if (t := row[at]) is None else fernet.decrypt(t.encode()).decode() for at in SECRET_AT
+    )
+
+
+def _revealed(tenant: Tenant) -> tuple[str | None, ...]:
+    values = (getattr(tenant, column) for column in TENANTS.secrets)
+    return tuple(None if v is None else v.get_secret_value() for v in values)
 
 
 @asynccontextmanager
@@ -133,8 +144,8 @@ async def _pool(url: str, size: int) -> AsyncIterator[asyncpg.Pool]:
 async def variant_a(bench: Bench) -> AsyncIterator[Subject]:
     fernet = Fernet(bench.key)
     async with _pool(bench.url, bench.pool_size) as pool:
-        # Checked outside the timed path: a returns the token as stored.
-        yield Subject(lambda t: pool.fetchrow(GET_ROW, t), lambda row: _decrypt(fernet, row[2]))
+        # Checked outside the timed path: a returns the tokens as stored.
+        yield Subject(lambda t: pool.fetchrow(GET_ROW, t), lambda row: _decrypt_row(fernet, row))
 
 
 def _fetchrow_variant(*, hop: bool) -> Callable[[Bench], Any]:
@@ -143,11 +154,11 @@ def _fetchrow_variant(*, hop: bool) -> Callable[[Bench], Any]:
         fernet = Fernet(bench.key)
         async with _pool(bench.url, bench.pool_size) as pool:
 
-            async def fetch(tenant_id: str) -> str:
+            async def fetch(tenant_id: str) -> tuple[str | None, ...]:
                 row = await pool.fetchrow(GET_ROW, tenant_id)
-                if hop:  # b: one worker-thread hop per call
-                    return await anyio.to_thread.run_sync(_decrypt, fernet, row[2])
-                return _decrypt(fernet, row[2])  # e: inline, on the loop
+                if hop:  # b: one worker-thread hop per call, for all of the row's secrets
+                    return await anyio.to_thread.run_sync(_decrypt_row, fernet, row)
+                return _decrypt_row(fernet, row)  # e: inline, on the loop
 
             yield Subject(fetch, lambda plain: plain)
 
@@ -158,31 +169,31 @@ def _repository_variant(*, warm: bool) -> Callable[[Bench], Any]:
     @asynccontextmanager
     async def variant_c(bench: Bench) -> AsyncIterator[Subject]:
         async with _pool(bench.url, bench.pool_size) as pool:
-            repo = TenantRepository(pool, KeyRing(bench.key), **({} if warm else {"cache_size": 0}))
-            if warm:  # one untimed pass over every tenant fills the cache
-                await _drive(repo.get_tenant, list(bench.plaintexts), bench.clients)
-            yield Subject(
-                repo.get_tenant,
-                lambda tenant: tenant.gemini_api_key.get_secret_value(),
-                repo.decryptor.stats,
-            )
+            repo = TenantRepository(pool, KeyRing(bench.key), cache_size=None if warm else 0)
+            if warm:  # one untimed pass over every tenant of the set fills the cache
+                await _drive(repo.get_tenant, list(bench.secrets), bench.clients)
+            yield Subject(repo.get_tenant, _revealed, repo.crypto.coalescer.stats)
 
     return variant_c
 
 
 def tenant_sa_model(key: str) -> type[Any]:
-    """The ORM class for `tenants_sa`, its secret column keyed by `key` (hashed by FernetEngine)."""
+    """The ORM class for `tenants_sa`, each secret column encrypted by FernetEngine."""
 
     class Base(DeclarativeBase):
         pass
+
+    def secret() -> Any:
+        return mapped_column(StringEncryptedType(Unicode, key, FernetEngine), nullable=True)
 
     class TenantSA(Base):
         __tablename__ = "tenants_sa"
         tenant_id: Mapped[str] = mapped_column(Text, primary_key=True)
         name: Mapped[str] = mapped_column(Text)
-        gemini_api_key: Mapped[str | None] = mapped_column(
-            StringEncryptedType(Unicode, key, FernetEngine)
-        )
+        gemini_api_key: Mapped[str | None] = secret()
+        oauth_access_token: Mapped[str | None] = secret()
+        oauth_refresh_token: Mapped[str | None] = secret()
+        webhook_signing_secret: Mapped[str | None] = secret()
         created_at: Mapped[datetime] = mapped_column(
             DateTime(timezone=True), server_default=func.now()
         )
@@ -205,7 +216,7 @@ async def variant_d(bench: Bench) -> AsyncIterator[Subject]:
             return await session.get(model, tenant_id)
 
     try:
-        yield Subject(fetch, lambda tenant: tenant.gemini_api_key)
+        yield Subject(fetch, lambda t: tuple(getattr(t, c) for c in TENANTS.secrets))
     finally:
         await engine.dispose()
 
@@ -246,8 +257,8 @@ async def _drive(
 async def _verify(name: str, subject: Subject, bench: Bench) -> None:
     for tenant_id in bench.sample_ids:
         got = subject.reveal(await subject.fetch(tenant_id))
-        if got != bench.plaintexts[tenant_id]:
-            raise RuntimeError(f"variant {name} read a wrong secret for {tenant_id}")
+        if got != bench.secrets[tenant_id]:
+            raise RuntimeError(f"variant {name} read wrong secrets for {tenant_id}")
 
 
 async def measure(name: str, bench: Bench) -> Result:
@@ -280,19 +291,35 @@ async def measure(name: str, bench: Bench) -> Result:
 # -- the database -----------------------------------------------------------------
 
 
-def _api_key(rng: random.Random) -> str:
-    return "AIza" + "".join(rng.choices(string.ascii_letters + string.digits + "-_", k=35))
+def _text(rng: random.Random, prefix: str, length: int) -> str:
+    return prefix + "".join(rng.choices(string.ascii_letters + string.digits + "-_", k=length))
 
 
-async def fill(url: str, sa_url: str, key: str, plaintexts: dict[str, str]) -> None:
+def make_secrets(rng: random.Random, count: int, width: str) -> dict[str, tuple[str | None, ...]]:
+    """Plaintexts per tenant: a Gemini key; with four, OAuth tokens and a webhook secret,
+    the access token absent on every 4th tenant and the webhook secret on every 4th + 2."""
+    out: dict[str, tuple[str | None, ...]] = {}
+    for i in range(count):
+        gemini = _text(rng, "AIza", 35)
+        if width == "1":
+            out[f"one-{i:06d}"] = (gemini, None, None, None)
+        else:
+            access = None if i % 4 == 1 else _text(rng, "ya29.", 195)
+            refresh = _text(rng, "1//", 100)
+            webhook = None if i % 4 == 3 else _text(rng, "whsec_", 26)
+            out[f"four-{i:06d}"] = (gemini, access, refresh, webhook)
+    return out
+
+
+async def fill(url: str, sa_url: str, key: str, secrets: dict[str, tuple[str | None, ...]]) -> None:
     """Migrate the fresh database, then load `tenants` (ours) and `tenants_sa` (the peer's)."""
     keyring = KeyRing(key)
-    ids = list(plaintexts)
+    ids = list(secrets)
     names = [f"Tenant {tenant_id}" for tenant_id in ids]
-    tokens = keyring.encrypt_batch(list(plaintexts.values()))
+    columns = [keyring.encrypt_batch([row[c] for row in secrets.values()]) for c in range(4)]
     async with _pool(url, 2) as pool:
         await upgrade(pool, keyring)
-        await pool.execute(FILL, ids, names, tokens)
+        await pool.execute(FILL, ids, names, *columns)
         await pool.execute("ANALYZE tenants")
     model = tenant_sa_model(key)
     engine = create_async_engine(sa_url)
@@ -300,7 +327,7 @@ async def fill(url: str, sa_url: str, key: str, plaintexts: dict[str, str]) -> N
         async with engine.begin() as conn:
             await conn.run_sync(model.metadata.create_all)
             rows = [
-                {"tenant_id": t, "name": n, "gemini_api_key": plaintexts[t]}
+                {"tenant_id": t, "name": n, **dict(zip(TENANTS.secrets, secrets[t], strict=True))}
                 for t, n in zip(ids, names, strict=True)
             ]
             await conn.execute(insert(model), rows)
@@ -312,102 +339,126 @@ async def fill(url: str, sa_url: str, key: str, plaintexts: dict[str, str]) -> N
 # -- the run and its report ---------------------------------------------------------
 
 
-async def run(args: argparse.Namespace, server: str) -> dict[str, Summary]:
+async def run(args: argparse.Namespace, server: str) -> dict[str, dict[str, Summary]]:
     rng = random.Random(args.seed)
-    plaintexts = {f"tenant-{i:06d}": _api_key(rng) for i in range(args.tenants)}
-    ids = list(plaintexts)
+    sets = {width: make_secrets(rng, args.tenants, width) for width in args.sets}
+    key = generate_encryption_key()
     async with scratch_database(server) as url:
         sa_url = with_database(url, urlsplit(url).path[1:], scheme="postgresql+asyncpg")
-        bench = Bench(
-            url=url,
-            sa_url=sa_url,
-            key=generate_encryption_key(),
-            pool_size=args.pool_size,
-            clients=args.clients,
-            plaintexts=plaintexts,
-            warmup_ids=rng.choices(ids, k=args.warmup),
-            measured_ids=rng.choices(ids, k=args.requests),
-            sample_ids=rng.sample(ids, k=min(VERIFY_SAMPLE, len(ids))),
-        )
-        await fill(url, sa_url, bench.key, plaintexts)
-        summaries = {name: Summary() for name in VARIANTS}
+        await fill(url, sa_url, key, {t: s for one in sets.values() for t, s in one.items()})
+        benches = {
+            width: Bench(
+                url=url,
+                sa_url=sa_url,
+                key=key,
+                pool_size=args.pool_size,
+                clients=args.clients,
+                secrets=secrets,
+                warmup_ids=rng.choices(list(secrets), k=args.warmup),
+                measured_ids=rng.choices(list(secrets), k=args.requests),
+                sample_ids=rng.sample(list(secrets), k=min(VERIFY_SAMPLE, len(secrets))),
+            )
+            for width, secrets in sets.items()
+        }
+        summaries = {width: {name: Summary() for name in args.variants} for width in sets}
         for round_ in range(args.repeat):
-            for name in VARIANTS:  # interleaved, so drift hits every variant alike
-                result = await measure(name, bench)
-                summaries[name].runs.append(result)
-                if args.output_format == "text":
-                    print(
-                        f"  round {round_ + 1} {name:7} {result.rps:9,.0f} req/s", file=sys.stderr
-                    )
+            for width, bench in benches.items():
+                for name in args.variants:  # interleaved, so drift hits every variant alike
+                    result = await measure(name, bench)
+                    summaries[width][name].runs.append(result)
+                    if args.output_format == "text":
+                        print(
+                            f"  round {round_ + 1} {SETS[width]:12} {name:7} "
+                            f"{result.rps:9,.0f} req/s",
+                            file=sys.stderr,
+                        )
     return summaries
 
 
-def ratios(summaries: dict[str, Summary]) -> list[tuple[str, float, float]]:
-    """(name, value, target) for each target ratio, from median req/s."""
-    return [
-        (label, summaries[num].median("rps") / summaries[den].median("rps"), target)
-        for label, num, den, target in TARGETS
-    ]
+def ratios(summaries: dict[str, Summary]) -> list[tuple[str, float, list[float], float]]:
+    """(name, median ratio, ratio in each round, target) for each target whose variants ran."""
+    out = []
+    for label, num, den, target in TARGETS:
+        if num in summaries and den in summaries:
+            rounds = [
+                n.rps / d.rps for n, d in zip(summaries[num].runs, summaries[den].runs, strict=True)
+            ]
+            value = summaries[num].median("rps") / summaries[den].median("rps")
+            out.append((label, value, rounds, target))
+    return out
 
 
-def coalescer(summaries: dict[str, Summary]) -> dict[str, tuple[int, int]]:
-    """For c cold and warm: (decrypt requests, worker batches) summed over the timed runs."""
-    return {
-        name: (
-            sum(r.decrypt_requests for r in summaries[name].runs),
-            sum(r.decrypt_batches for r in summaries[name].runs),
-        )
-        for name in ("c cold", "c warm")
-    }
+def overhead_us(summaries: dict[str, Summary], name: str) -> float | None:
+    """Client CPU per request of a variant over raw fetchrow's (a), in microseconds."""
+    if name not in summaries or "a" not in summaries:
+        return None
+    return summaries[name].median("cpu_us") - summaries["a"].median("cpu_us")
 
 
-def format_text(summaries: dict[str, Summary], args: argparse.Namespace) -> str:
-    """The table, the ratios against their targets, and the coalescer's batching."""
+def format_text(results: dict[str, dict[str, Summary]], args: argparse.Namespace) -> str:
+    """Per set of tenants: the table, the ratios against their targets, the batching."""
     lines = [
-        f"get_tenant: {args.tenants} tenants, {args.clients} clients, pool {args.pool_size}, "
-        f"{args.requests} requests (+{args.warmup} warm-up), median of {args.repeat}, "
-        f"{os.cpu_count()} CPUs",
-        "",
-        f"{'variant':31} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'worst lag ms':>13}"
-        f" {'cpu us/req':>11}",
+        f"get_tenant: {args.tenants} tenants a set, {args.clients} clients, pool "
+        f"{args.pool_size}, {args.requests} requests (+{args.warmup} warm-up), median of "
+        f"{args.repeat}, {os.cpu_count()} CPUs"
     ]
-    for name, summary in summaries.items():
-        m = summary.median
-        lines.append(
-            f"{VARIANTS[name][0]:31} {m('rps'):9,.0f} {m('p50_ms'):8.2f} {m('p99_ms'):8.2f}"
-            f" {m('lag_ms'):13.2f} {m('cpu_us'):11.0f}"
-        )
-    lines.append("")
-    for label, value, target in ratios(summaries):
-        verdict = "ok" if value >= target else "MISS"
-        lines.append(f"{label:9} {value:6.2f}   target >= {target:<4}  {verdict}")
-    lines.append("")
-    for name, (requests, batches) in coalescer(summaries).items():
-        per_hop = f"{requests / batches:.1f}" if batches else "-"
-        lines.append(
-            f"coalescer, {name}: {requests} decrypt requests in {batches} batches"
-            f" -> {per_hop} decrypts per hop"
-        )
+    for width, summaries in results.items():
+        lines += [
+            "",
+            f"-- {SETS[width]} --",
+            f"{'variant':31} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'worst lag ms':>13}"
+            f" {'cpu us/req':>11}",
+        ]
+        for name, summary in summaries.items():
+            m = summary.median
+            lines.append(
+                f"{VARIANTS[name][0]:31} {m('rps'):9,.0f} {m('p50_ms'):8.2f} {m('p99_ms'):8.2f}"
+                f" {m('lag_ms'):13.2f} {m('cpu_us'):11.0f}"
+            )
+        lines.append("")
+        for label, value, rounds, target in ratios(summaries):
+            verdict = "ok" if min(rounds) >= target else "MISS"
+            each = ", ".join(f"{r:.2f}" for r in rounds)
+            lines.append(
+                f"{label:9} {value:6.2f}  (rounds: {each})  target >= {target:<4} {verdict}"
+            )
+        for name in ("c warm", "c cold"):
+            extra = overhead_us(summaries, name)
+            if extra is not None:
+                lines.append(f"{name}: {extra:+.1f} us of client CPU per request over a")
+        for name in ("c cold", "c warm"):
+            if name in summaries:
+                requests = sum(r.decrypt_requests for r in summaries[name].runs)
+                batches = sum(r.decrypt_batches for r in summaries[name].runs)
+                per_hop = f"{requests / batches:.1f}" if batches else "-"
+                lines.append(
+                    f"coalescer, {name}: {requests} decrypt requests in {batches} batches"
+                    f" -> {per_hop} requests per hop"
+                )
     return "\n".join(lines)
 
 
-def format_json(summaries: dict[str, Summary], args: argparse.Namespace) -> str:
+def format_json(results: dict[str, dict[str, Summary]], args: argparse.Namespace) -> str:
     report = {
         "config": {k: v for k, v in vars(args).items() if k != "database_url"},
-        "variants": {
-            name: {
-                "median": {f: s.median(f) for f in ("rps", "p50_ms", "p99_ms", "lag_ms", "cpu_us")},
-                "runs": [asdict(r) for r in s.runs],
+        "sets": {
+            width: {
+                "variants": {
+                    name: {
+                        "median": {
+                            f: s.median(f) for f in ("rps", "p50_ms", "p99_ms", "lag_ms", "cpu_us")
+                        },
+                        "runs": [asdict(r) for r in s.runs],
+                    }
+                    for name, s in summaries.items()
+                },
+                "ratios": {
+                    label: {"value": v, "rounds": rounds, "target": t, "ok": min(rounds) >= t}
+                    for label, v, rounds, t in ratios(summaries)
+                },
+                "overhead_us": {n: overhead_us(summaries, n) for n in ("c warm", "c cold")},
             }
-            for name, s in summaries.items()
-        },
-        "ratios": {
-            label: {"value": value, "target": target, "ok": value >= target}
-            for label, value, target in ratios(summaries)
-        },
-        "coalescer": {
-            name: {"requests": requests, "batches": batches}
-            for name, (requests, batches) in coalescer(summaries).items()
+            for width, summaries in results.items()
         },
     }
     return json.dumps(report, indent=2)
@@ -416,28 +467,36 @@ def format_json(summaries: dict[str, Summary], args: argparse.Namespace) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--database-url", help="server to create a scratch database on")
-    parser.add_argument("--tenants", type=int, default=10_000)
+    parser.add_argument("--tenants", type=int, default=10_000, help="tenants in each set")
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--pool-size", type=int, default=10)
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--warmup", type=int, default=2_000)
-    parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds (median)")
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--sets", default="1,4", help="comma-separated: 1 (one secret), 4 (four secrets)"
+    )
+    parser.add_argument(
+        "--only", action="append", choices=list(VARIANTS), help="run only these variants"
+    )
     parser.add_argument("--output-format", choices=["text", "json"], default="text")
     args = parser.parse_args(argv)
     for name in ("tenants", "clients", "pool_size", "requests", "repeat"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} is expected to be at least 1")
+    args.sets = [s.strip() for s in args.sets.split(",")]
+    if not set(args.sets) <= set(SETS):
+        parser.error("--sets takes 1, 4 or 1,4")
+    args.variants = args.only or list(VARIANTS)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    summaries = asyncio.run(run(args, server_url(args.database_url)))
+    results = asyncio.run(run(args, server_url(args.database_url)))
     print(
-        format_json(summaries, args)
-        if args.output_format == "json"
-        else format_text(summaries, args)
+        format_json(results, args) if args.output_format == "json" else format_text(results, args)
     )
     return 0
 
