@@ -56,21 +56,21 @@ class _LRU(Generic[K, V]):
         self._data.clear()
 
 
-class DecryptedCache(_LRU[str, str]):
-    """At most `size` token -> plaintext entries, evicting the least recently used."""
+class DecryptedCache(_LRU[str, tuple[str, str]]):
+    """At most `size` token -> (plaintext, key id) entries, evicting the least recently used."""
 
     __slots__ = ()
 
     def __repr__(self) -> str:
         return f"<DecryptedCache {len(self._data)}/{self.size}>"
 
-    def get(self, token: str) -> str | None:
-        """Return the plaintext for `token`, or None; a hit becomes most recent."""
+    def get(self, token: str) -> tuple[str, str] | None:
+        """Return (plaintext, key id) for `token`, or None; a hit becomes most recent."""
         return self._get(token)
 
-    def put(self, token: str, plaintext: str) -> None:
-        """Remember `plaintext` for `token`, evicting the oldest entry when full."""
-        self._put(token, plaintext)
+    def put(self, token: str, plaintext: str, key_id: str) -> None:
+        """Remember `plaintext` (made under `key_id`) for `token`; the oldest goes when full."""
+        self._put(token, (plaintext, key_id))
 
 
 class RowMemo(_LRU[object, tuple[object, V]], Generic[V]):

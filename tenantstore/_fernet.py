@@ -36,7 +36,14 @@ from collections.abc import Sequence
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-__all__ = ["KEY_ID_CHARS", "KEY_ID_LABEL", "FernetKey", "decrypt_tokens", "encrypt_values"]
+__all__ = [
+    "KEY_ID_CHARS",
+    "KEY_ID_LABEL",
+    "FernetKey",
+    "decrypt_tokens",
+    "encrypt_values",
+    "failure_reason",
+]
 
 KEY_ID_LABEL = b"tenantstore key id v1"
 KEY_ID_CHARS = 12
@@ -164,3 +171,16 @@ def decrypt_tokens(
             except UnicodeDecodeError:
                 continue
     return results
+
+
+def failure_reason(keys: Sequence[FernetKey], token: str) -> str:
+    """Why a token does not decrypt: `wrong_key` (well-formed, no key's HMAC
+    matches) or `corrupt` (malformed, or authenticated but not valid UTF-8
+    plaintext with valid padding). For metrics; asked only on failure."""
+    raw = _raw(token)
+    if raw is None:
+        return "corrupt"
+    body, signature = raw[:-32], raw[-32:]
+    if any(hmac.compare_digest(key.mac(body), signature) for key in keys):
+        return "corrupt"
+    return "wrong_key"

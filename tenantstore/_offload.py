@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ class _LoopState(Generic[T, R]):
     # expecting a live worker", so no batch is ever stranded. A worker per
     # loop means a loop that ends (with its worker task not yet started)
     # strands nothing but its own requests, which died with it.
+    oldest: float = 0.0  # when the oldest pending request came (perf_counter)
     inbox: queue.SimpleQueue[list[_Request[T, R]]] = field(default_factory=queue.SimpleQueue)
     lock: threading.Lock = field(default_factory=threading.Lock)
     worker_alive: bool = False
@@ -142,6 +144,8 @@ class Coalescer(Generic[T, R]):
         linger: seconds the idle worker waits for more work before returning.
         target: pending requests that are worth a hop without waiting for more.
         max_wait: the longest a request waits for announced ones to join it.
+        on_batch: called on the loop as each batch goes, with its number of
+            requests and the seconds its oldest one waited (for metrics).
     """
 
     def __init__(
@@ -151,8 +155,10 @@ class Coalescer(Generic[T, R]):
         linger: float = 0.25,
         target: int = 32,
         max_wait: float = 0.004,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self._batch_fn = batch_fn
+        self._on_batch = on_batch
         self._linger = linger
         self._target = target
         self._max_wait = max_wait
@@ -187,6 +193,8 @@ class Coalescer(Generic[T, R]):
             ticket.open = False
             state.announced -= 1
         future: asyncio.Future[Sealed[list[R]]] = loop.create_future()
+        if not state.pending:
+            state.oldest = time.perf_counter()
         state.pending.append((items, future))
         self.stats.requests += 1
         self._consider(loop, state)
@@ -219,6 +227,8 @@ class Coalescer(Generic[T, R]):
         """On the loop: hand every pending request to the worker as one batch."""
         batch, state.pending = state.pending, []
         state.in_flight = True
+        if self._on_batch is not None:
+            self._on_batch(len(batch), time.perf_counter() - state.oldest)
         with state.lock:
             state.inbox.put(batch)
             start = not state.worker_alive

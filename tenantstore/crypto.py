@@ -5,22 +5,29 @@ requested meanwhile as one batch (`_offload.Coalescer`), because a thread hop
 costs ~15x the crypto of one secret. Decrypted values are cached by token
 (`_cache.DecryptedCache`): a changed secret is a new token, so the cache
 never serves a stale value. The repository and the application share one
-`AsyncCrypto`, so they share the worker and the cache:
+`AsyncCrypto`, so they share the worker, the cache, the metrics and the
+audit log:
 
     crypto = AsyncCrypto(KeyRing.from_env())
     repo = TenantRepository(pool, crypto)
-    token, = await crypto.encrypt_many([client_secret])
-    secret, = await crypto.decrypt_many([row["client_secret"]])
+    [token] = await crypto.encrypt_many([client_secret], table="integrations",
+                                        column="client_secret", keys=[row_id])
+    [secret] = await crypto.decrypt_many([row["client_secret"]], ...)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry.metrics import MeterProvider
 
 from ._cache import DecryptedCache
 from ._offload import Coalescer, Ticket
+from .audit import AuditEvent, AuditLog
 from .encryption import KeyRing, stored_token
 from .errors import DecryptionError, EncryptionError, PlaintextSecretError
+from .metrics import Metrics
 
 __all__ = ["AsyncCrypto"]
 
@@ -40,22 +47,45 @@ class AsyncCrypto:
         allow_plaintext: the default for `decrypt_many`: pass a stored value
             that is not a token through as it is (legacy plaintext, while
             `migrate encrypt` runs), or refuse it with `PlaintextSecretError`.
+        audit: where audit events go (default: the `tenantstore.audit` logger).
+        meter_provider: where metrics go (default: OpenTelemetry's global provider).
     """
 
-    __slots__ = ("_allow_plaintext", "_cache", "_coalescer", "_keyring")
+    __slots__ = ("_allow_plaintext", "_cache", "_coalescer", "_keyring", "audit", "metrics")
 
     def __init__(
-        self, keyring: KeyRing, *, cache_size: int = 10_000, allow_plaintext: bool = True
+        self,
+        keyring: KeyRing,
+        *,
+        cache_size: int = 10_000,
+        allow_plaintext: bool = True,
+        audit: AuditLog | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         if not isinstance(keyring, KeyRing):
             raise TypeError("keyring must be a tenantstore.KeyRing")
         self._keyring = keyring
         self._cache = DecryptedCache(cache_size)
         self._allow_plaintext = allow_plaintext
-        self._coalescer: Coalescer[_Job, _Result] = Coalescer(self._work)
+        self.metrics = Metrics(meter_provider)
+        self.metrics.primary_key(keyring.primary_key_id)
+        self.audit = audit if audit is not None else AuditLog()
+        self._coalescer: Coalescer[_Job, _Result] = Coalescer(
+            self._work, on_batch=self.metrics.batch
+        )
 
     def __repr__(self) -> str:
         return f"<AsyncCrypto {self._keyring!r} cache={len(self._cache)}/{self._cache.size}>"
+
+    async def __aenter__(self) -> AsyncCrypto:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Flush and close the audit sinks (a buffering sink writes what it holds)."""
+        await self.audit.aclose()
 
     @property
     def keyring(self) -> KeyRing:
@@ -103,58 +133,101 @@ class AsyncCrypto:
         return self._coalescer.announce()
 
     async def decrypt_tokens(
-        self, tokens: Sequence[str], *, ticket: Ticket | None = None
-    ) -> list[tuple[str, int] | None]:
-        """Decrypt tokens in one hop (no cache lookup); cache and return each result.
+        self,
+        tokens: Sequence[str],
+        columns: Sequence[str],
+        *,
+        ticket: Ticket | None = None,
+    ) -> list[tuple[str, str] | None]:
+        """Decrypt tokens in one hop (no cache lookup); cache, count and return each result.
 
-        Per token `(plaintext, key index)`, or None where no key decrypts it.
+        Per token `(plaintext, key id)`, or None where no key decrypts it (the
+        failure counted under its column with its reason). `columns` name each
+        token's column, for the metrics.
         """
         results = await self._coalescer.run([(_DECRYPT, token) for token in tokens], ticket=ticket)
-        cache = self._cache
-        for token, result in zip(tokens, results, strict=True):
-            if result is not None:
-                cache.put(token, result[0])
-        return results
+        cache, metrics, key_ids = self._cache, self.metrics, self._keyring.key_ids
+        out: list[tuple[str, str] | None] = []
+        for token, column, result in zip(tokens, columns, results, strict=True):
+            if result is None:
+                metrics.decrypt_failed(column, self._keyring.failure_reason(token))
+                out.append(None)
+                continue
+            plaintext, key_id = result[0], key_ids[result[1]]
+            metrics.decrypted(column, key_id)
+            cache.put(token, plaintext, key_id)
+            out.append((plaintext, key_id))
+        return out
+
+    async def encrypt_values(self, values: Sequence[str], columns: Sequence[str]) -> list[str]:
+        """Encrypt plaintexts in one hop (checked by the caller), counted per column."""
+        results = await self._coalescer.run([(_ENCRYPT, value) for value in values])
+        key_id = self._keyring.primary_key_id
+        for column in columns:
+            self.metrics.encrypted(column, key_id)
+        return [result[0] for result in results]  # type: ignore[index]
 
     # -- for the application -------------------------------------------------
 
-    async def encrypt_many(self, values: Sequence[str | None]) -> list[str | None]:
+    async def encrypt_many(
+        self,
+        values: Sequence[str | None],
+        *,
+        table: str = "-",
+        column: str = "-",
+        keys: Sequence[Any] | None = None,
+    ) -> list[str | None]:
         """Encrypt each value (`""` too) in one worker hop; `None` stays `None`.
+
+        `table`, `column` and `keys` (the rows' keys, aligned with `values`)
+        name the secrets in the audit log and the metrics.
 
         Raises:
             TypeError: a value is neither a str nor None.
             EncryptionError: a value holds a NUL character (PostgreSQL text
                 could not hold it once decrypted) or is not valid unicode.
         """
-        todo: list[int] = []
-        for index, value in enumerate(values):
-            if value is None:
-                continue
+        todo = [index for index, value in enumerate(values) if value is not None]
+        for index in todo:
+            value = values[index]
             if not isinstance(value, str):
                 raise TypeError(f"a secret must be a str or None, not {type(value).__name__}")
             if "\x00" in value:
                 raise EncryptionError(
                     "it contains a NUL character, which PostgreSQL text cannot hold"
                 )
-            todo.append(index)
         out: list[str | None] = list(values)
         if todo:
-            jobs = [(_ENCRYPT, values[index]) for index in todo]
-            results = await self._coalescer.run(jobs)  # type: ignore[arg-type]
-            for index, result in zip(todo, results, strict=True):
-                assert result is not None
-                out[index] = result[0]
+            plaintexts = [values[index] for index in todo]
+            tokens = await self.encrypt_values(plaintexts, [column] * len(todo))  # type: ignore[arg-type]
+            for index, token in zip(todo, tokens, strict=True):
+                out[index] = token
+            if self.audit.enabled:
+                key_id = self._keyring.primary_key_id
+                await self.audit.emit(
+                    [
+                        AuditEvent("encrypt", table, column, _key(keys, i), key_id, "ok")
+                        for i in todo
+                    ]
+                )
         return out
 
     async def decrypt_many(
-        self, values: Sequence[str | None], *, allow_plaintext: bool | None = None
+        self,
+        values: Sequence[str | None],
+        *,
+        allow_plaintext: bool | None = None,
+        table: str = "-",
+        column: str = "-",
+        keys: Sequence[Any] | None = None,
     ) -> list[str | None]:
         """Decrypt stored values in at most one worker hop, through the cache.
 
         `None` and `""` pass through. A value that is not a token (see
         `encryption.stored_token`) passes through as plaintext, or raises
         when plaintext is not allowed (`allow_plaintext`, default: the
-        instance's setting).
+        instance's setting). `table`, `column` and `keys` (the rows' keys,
+        aligned with `values`) name the secrets in the audit log and metrics.
 
         Raises:
             DecryptionError: a token is corrupt or made under none of the keys
@@ -164,8 +237,10 @@ class AsyncCrypto:
         """
         allow = self._allow_plaintext if allow_plaintext is None else allow_plaintext
         out: list[str | None] = list(values)
+        key_ids: dict[int, str | None] = {}
         missing: list[tuple[int, str]] = []
         cache = self._cache
+        hits = 0
         for index, value in enumerate(values):
             if value is None:
                 continue
@@ -173,34 +248,63 @@ class AsyncCrypto:
                 raise TypeError(f"a stored value must be a str or None, not {type(value).__name__}")
             if not value:
                 continue
+            hit = cache.get(value)
+            if hit is not None:
+                out[index], key_ids[index] = hit
+                hits += 1
+                continue
             token = stored_token(value)
             if token is None:
                 if not allow:
+                    self.metrics.decrypt_failed(column, "plaintext_refused")
+                    await self._audit_decrypt(table, column, keys, {index: None}, "refused")
                     raise PlaintextSecretError(None, None, position=index)
+                key_ids[index] = None
                 continue
-            hit = cache.get(token)
-            if hit is not None:
-                out[index] = hit
-            else:
-                missing.append((index, token))
+            missing.append((index, token))
+        self.metrics.cache("secrets", hits, len(missing))
         if missing:
-            results = await self.decrypt_tokens([token for _, token in missing])
+            results = await self.decrypt_tokens(
+                [token for _, token in missing], [column] * len(missing)
+            )
             for (index, _), result in zip(missing, results, strict=True):
                 if result is None:
+                    await self._audit_decrypt(table, column, keys, {index: None}, "failed")
                     raise DecryptionError(
                         f"Invalid encrypted data or wrong encryption key (value {index})"
                     )
-                out[index] = result[0]
+                out[index], key_ids[index] = result
+        await self._audit_decrypt(table, column, keys, key_ids, "ok")
         return out
 
-    async def encrypt(self, value: str) -> str:
+    async def _audit_decrypt(
+        self,
+        table: str,
+        column: str,
+        keys: Sequence[Any] | None,
+        key_ids: dict[int, str | None],
+        outcome: str,
+    ) -> None:
+        if key_ids and self.audit.enabled:
+            await self.audit.emit(
+                [
+                    AuditEvent("decrypt", table, column, _key(keys, index), key_id, outcome)
+                    for index, key_id in sorted(key_ids.items())
+                ]
+            )
+
+    async def encrypt(self, value: str, **names: Any) -> str:
         """Encrypt one value (see `encrypt_many`)."""
-        token = (await self.encrypt_many([value]))[0]
+        token = (await self.encrypt_many([value], **names))[0]
         assert token is not None
         return token
 
-    async def decrypt(self, value: str, *, allow_plaintext: bool | None = None) -> str:
+    async def decrypt(self, value: str, **options: Any) -> str:
         """Decrypt one stored value (see `decrypt_many`)."""
-        plaintext = (await self.decrypt_many([value], allow_plaintext=allow_plaintext))[0]
+        plaintext = (await self.decrypt_many([value], **options))[0]
         assert plaintext is not None
         return plaintext
+
+
+def _key(keys: Sequence[Any] | None, index: int) -> str | None:
+    return None if keys is None else str(keys[index])

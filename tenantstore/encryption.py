@@ -25,7 +25,7 @@ from typing import TypeVar
 import anyio.to_thread
 from cryptography.fernet import Fernet
 
-from ._fernet import FernetKey, decrypt_tokens, encrypt_values
+from ._fernet import FernetKey, decrypt_tokens, encrypt_values, failure_reason
 from .config import list_setting, load_settings, nonblank_setting
 from .errors import (
     DecryptionError,
@@ -299,6 +299,10 @@ class KeyRing:
     def decrypt_batch_with_key_index(self, tokens: Sequence[str]) -> list[tuple[str, int] | None]:
         """Per token `(plaintext, key index)`, or None where no key decrypts it."""
         return decrypt_tokens(self._keys, tokens)
+
+    def failure_reason(self, token: str) -> str:
+        """Why `token` does not decrypt: `wrong_key` (no key authenticates it) or `corrupt`."""
+        return failure_reason(self._keys, token)
 
     async def encrypt_many(self, values: Sequence[_S]) -> list[_S]:
         """Encrypt a list in one worker-thread call; `None` and `""` pass through."""

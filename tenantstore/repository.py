@@ -10,115 +10,33 @@ writes every secret of its rows with at most one worker hop.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any
 
 import asyncpg
+from opentelemetry.metrics import MeterProvider
 
-from ._cache import RowMemo
-from ._offload import Ticket
-from ._queries import identifier, join, load_queries, placeholder, render
-from .crypto import AsyncCrypto
-from .encryption import KeyRing, stored_token
-from .errors import (
-    InvalidTenantIdError,
-    PlaintextSecretError,
-    TenantDecryptionError,
-    TenantExistsError,
-    TenantNotFoundError,
-    UnknownSecretError,
-    database_error,
-    printable,
+from ._tenant_rows import (
+    FIELDS,
+    MAX_TENANT_ID_LENGTH,
+    SECRETS,
+    SQL,
+    TABLE,
+    TenantDecoder,
+    check_secret_names,
+    is_key_conflict,
+    set_secrets_sql,
+    validate_tenant_id,
 )
-from .models import TENANTS, Tenant
+from .audit import AuditEvent, AuditLog
+from .crypto import AsyncCrypto
+from .encryption import KeyRing
+from .errors import EncryptionError, TenantExistsError, TenantNotFoundError, database_error
+from .models import Tenant
 
 __all__ = ["MAX_TENANT_ID_LENGTH", "TenantRepository", "validate_tenant_id"]
 
-logger = logging.getLogger("tenantstore")
-
-MAX_TENANT_ID_LENGTH = 255
-"""Longest tenant id accepted on create (btree entries are capped near 2.7 kB)."""
-
 # The errors a database call can raise besides PostgresError subclasses.
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
-
-_FIELDS = tuple(Tenant.model_fields)
-_SECRETS = TENANTS.secrets
-_SECRET_AT = tuple(_FIELDS.index(column) for column in _SECRETS)
-_T = load_queries("tenants.sql")
-_COMMON = {
-    "table": identifier(TENANTS.name),
-    "key": identifier(TENANTS.key),
-    "columns": join(", ", map(identifier, _FIELDS)),
-    "secrets": join(", ", map(identifier, _SECRETS)),
-    "secret_values": join(", ", (placeholder(3 + i) for i in range(len(_SECRETS)))),
-}
-_SQL = {
-    name: render(_T[name], **_COMMON).text
-    for name in (
-        "get_tenant",
-        "get_tenants",
-        "create_tenant",
-        "delete_tenant",
-        "first_page_tenants",
-        "next_page_tenants",
-    )
-}
-
-
-def _set_secrets_sql(columns: Sequence[str]) -> str:
-    """`UPDATE tenants SET c = $2, d = $3, updated_at = now() WHERE tenant_id = $1`."""
-    assignments = join(
-        ", ",
-        (
-            render(_T["set_secret"], column=identifier(column), value=placeholder(2 + i))
-            for i, column in enumerate(columns)
-        ),
-    )
-    return render(_T["set_secrets"], **_COMMON, assignments=assignments).text
-
-
-def validate_tenant_id(tenant_id: object, *, creating: bool = False) -> str:
-    """Return `tenant_id` if PostgreSQL can hold it, else raise `InvalidTenantIdError`.
-
-    PostgreSQL `text` cannot contain NUL, and the driver cannot encode lone
-    surrogates; rejecting both here gives a clear error instead of a driver one.
-    """
-    if not isinstance(tenant_id, str):
-        raise InvalidTenantIdError(f"tenant_id must be a str, not {type(tenant_id).__name__}")
-    if not tenant_id:
-        raise InvalidTenantIdError("tenant_id must not be empty")
-    if "\x00" in tenant_id:
-        raise InvalidTenantIdError("tenant_id must not contain a NUL character")
-    try:
-        tenant_id.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidTenantIdError("tenant_id must be valid unicode (no lone surrogates)") from None
-    if creating and len(tenant_id) > MAX_TENANT_ID_LENGTH:
-        raise InvalidTenantIdError(
-            f"tenant_id must be at most {MAX_TENANT_ID_LENGTH} characters, got {len(tenant_id)}"
-        )
-    return tenant_id
-
-
-def _is_key_conflict(exc: asyncpg.UniqueViolationError) -> bool:
-    """Whether a unique violation is on the tenant id (not on another unique column).
-
-    DETAIL is read here to classify the error, never shown: `Key (tenant_id)=(...)`.
-    """
-    detail = exc.detail or ""
-    names = {f"{TENANTS.name}_pkey", f"{TENANTS.name}_{TENANTS.key}_key"}
-    return detail.startswith(f"Key ({TENANTS.key})=") or exc.constraint_name in names
-
-
-def _check_secret_names(names: Iterable[str]) -> None:
-    for name in names:
-        if name not in _SECRETS:
-            raise UnknownSecretError(
-                f"unknown secret {printable(name)!r} (the secrets of a tenant: "
-                f"{', '.join(_SECRETS)})"
-            )
 
 
 class TenantRepository:
@@ -131,8 +49,15 @@ class TenantRepository:
         allow_plaintext: accept legacy plaintext secrets on read (True by default,
             so an application keeps working while `migrate encrypt` runs); when
             False such a value raises `PlaintextSecretError`.
-        cache_size: with a `KeyRing`, how many decrypted secrets to keep, keyed
-            by token; 0 turns the cache off. With an `AsyncCrypto`, its own cache is used.
+        cache_size: with a `KeyRing`, how many decrypted secrets (and tenants)
+            to keep; 0 turns the caches off. With an `AsyncCrypto`, its own is used.
+        audit: with a `KeyRing`, where audit events go (default: the
+            `tenantstore.audit` logger). With an `AsyncCrypto`, its own.
+        meter_provider: with a `KeyRing`, where metrics go (default: the
+            global OpenTelemetry provider). With an `AsyncCrypto`, its own.
+
+    Close it (`await repo.aclose()`, or `async with`) so a buffering audit
+    sink writes what it holds; the pool stays the caller's to close.
     """
 
     def __init__(
@@ -142,23 +67,40 @@ class TenantRepository:
         *,
         allow_plaintext: bool = True,
         cache_size: int | None = None,
+        audit: AuditLog | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         if isinstance(crypto, KeyRing):
-            crypto = AsyncCrypto(crypto, cache_size=10_000 if cache_size is None else cache_size)
+            crypto = AsyncCrypto(
+                crypto,
+                cache_size=10_000 if cache_size is None else cache_size,
+                audit=audit,
+                meter_provider=meter_provider,
+            )
         elif not isinstance(crypto, AsyncCrypto):
             raise TypeError("crypto must be a tenantstore.KeyRing or tenantstore.AsyncCrypto")
-        elif cache_size is not None:
-            raise TypeError("cache_size is for a KeyRing; an AsyncCrypto brings its own cache")
+        elif cache_size is not None or audit is not None or meter_provider is not None:
+            raise TypeError(
+                "cache_size, audit and meter_provider are for a KeyRing; "
+                "an AsyncCrypto brings its own"
+            )
         self._db = pool
         self._crypto = crypto
-        self._allow_plaintext = allow_plaintext
+        self._decoder = TenantDecoder(crypto, allow_plaintext=allow_plaintext)
         self._set_sql: dict[tuple[str, ...], str] = {}
-        # Tenants by the row they were built from: a warm read whose row is
-        # unchanged costs a dict lookup and a row comparison, no validation.
-        self._tenants: RowMemo[Tenant] = RowMemo(crypto.cache.size)
 
     def __repr__(self) -> str:
         return f"<TenantRepository {self._crypto!r}>"
+
+    async def __aenter__(self) -> TenantRepository:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Flush and close the audit sinks. The pool is not closed (it is the caller's)."""
+        await self._crypto.aclose()
 
     @property
     def crypto(self) -> AsyncCrypto:
@@ -182,12 +124,12 @@ class TenantRepository:
         ticket = self._crypto.announce()
         try:
             try:
-                row = await self._db.fetchrow(_SQL["get_tenant"], tenant_id)
+                row = await self._db.fetchrow(SQL["get_tenant"], tenant_id)
             except _DRIVER_ERRORS as exc:
                 raise database_error(exc, "get_tenant", tenant_id=tenant_id) from None
             if row is None:
                 return None
-            return (await self._to_tenants([row], ticket))[0]
+            return (await self._decoder.tenants([row], ticket))[0]
         finally:
             ticket.close()
 
@@ -200,10 +142,10 @@ class TenantRepository:
         if not ids:
             return {}
         try:
-            rows = await self._db.fetch(_SQL["get_tenants"], ids)
+            rows = await self._db.fetch(SQL["get_tenants"], ids)
         except _DRIVER_ERRORS as exc:
             raise database_error(exc, "get_tenants") from None
-        return {tenant.tenant_id: tenant for tenant in await self._to_tenants(rows)}
+        return {tenant.tenant_id: tenant for tenant in await self._decoder.tenants(rows)}
 
     async def iter_tenants(self, batch_size: int = 1000) -> AsyncIterator[Tenant]:
         """Yield every tenant in `tenant_id` order, a keyset page at a time.
@@ -216,14 +158,14 @@ class TenantRepository:
         while True:
             try:
                 if last is None:
-                    rows = await self._db.fetch(_SQL["first_page_tenants"], batch_size)
+                    rows = await self._db.fetch(SQL["first_page_tenants"], batch_size)
                 else:
-                    rows = await self._db.fetch(_SQL["next_page_tenants"], last, batch_size)
+                    rows = await self._db.fetch(SQL["next_page_tenants"], last, batch_size)
             except _DRIVER_ERRORS as exc:
                 raise database_error(exc, "iter_tenants") from None
             if not rows:
                 return
-            for tenant in await self._to_tenants(rows):
+            for tenant in await self._decoder.tenants(rows):
                 yield tenant
             if len(rows) < batch_size:
                 return
@@ -243,21 +185,24 @@ class TenantRepository:
             UnknownSecretError: a keyword names no secret of a tenant (before any I/O).
             DatabaseError: the insert failed (a constraint, a trigger: named, no values).
         """
-        _check_secret_names(secrets)
+        check_secret_names(secrets)
         validate_tenant_id(tenant_id, creating=True)
-        plaintexts = [secrets.get(column) for column in _SECRETS]
-        tokens = await self._crypto.encrypt_many(plaintexts)
+        plaintexts = [secrets.get(column) for column in SECRETS]
+        tokens = await self._encrypt(plaintexts)
         try:
-            row = await self._db.fetchrow(_SQL["create_tenant"], tenant_id, name, *tokens)
+            row = await self._db.fetchrow(SQL["create_tenant"], tenant_id, name, *tokens)
         except asyncpg.UniqueViolationError as exc:
-            if _is_key_conflict(exc):
+            await self._audit_write(tenant_id, secrets, "failed")
+            if is_key_conflict(exc):
                 raise TenantExistsError(tenant_id) from None
             raise database_error(exc, "create_tenant", tenant_id=tenant_id) from None
         except _DRIVER_ERRORS as exc:
+            await self._audit_write(tenant_id, secrets, "failed")
             raise database_error(exc, "create_tenant", tenant_id=tenant_id) from None
         assert row is not None
-        values = dict(zip(_FIELDS, row, strict=True))
-        values.update(zip(_SECRETS, plaintexts, strict=True))
+        await self._audit_write(tenant_id, secrets, "ok")
+        values = dict(zip(FIELDS, row, strict=True))
+        values.update(zip(SECRETS, plaintexts, strict=True))
         return Tenant.from_row(values)
 
     async def set_secrets(self, tenant_id: str, **values: str | None) -> None:
@@ -270,21 +215,24 @@ class TenantRepository:
             TenantNotFoundError: no tenant has this id.
             DatabaseError: the update failed (a constraint, a trigger: named, no values).
         """
-        _check_secret_names(values)
+        check_secret_names(values)
         validate_tenant_id(tenant_id)
         if not values:
             raise TypeError("set_secrets() needs at least one secret, e.g. gemini_api_key=...")
-        columns = tuple(column for column in _SECRETS if column in values)
-        tokens = await self._crypto.encrypt_many([values[column] for column in columns])
+        columns = tuple(column for column in SECRETS if column in values)
+        tokens = await self._encrypt([values[column] for column in columns], columns)
         sql = self._set_sql.get(columns)
         if sql is None:
-            sql = self._set_sql[columns] = _set_secrets_sql(columns)
+            sql = self._set_sql[columns] = set_secrets_sql(columns)
         try:
             status = await self._db.execute(sql, tenant_id, *tokens)
         except _DRIVER_ERRORS as exc:
+            await self._audit_write(tenant_id, values, "failed")
             raise database_error(exc, "set_secrets", tenant_id=tenant_id) from None
         if status == "UPDATE 0":
+            await self._audit_write(tenant_id, values, "not_found")
             raise TenantNotFoundError(tenant_id)
+        await self._audit_write(tenant_id, values, "ok")
 
     async def set_gemini_api_key(self, tenant_id: str, api_key: str | None) -> None:
         """Replace a tenant's Gemini API key (None clears it): `set_secrets(gemini_api_key=...)`.
@@ -298,54 +246,54 @@ class TenantRepository:
         """Delete a tenant; return whether it existed."""
         validate_tenant_id(tenant_id)
         try:
-            status = await self._db.execute(_SQL["delete_tenant"], tenant_id)
+            status = await self._db.execute(SQL["delete_tenant"], tenant_id)
         except _DRIVER_ERRORS as exc:
             raise database_error(exc, "delete_tenant", tenant_id=tenant_id) from None
         return bool(status != "DELETE 0")
 
-    # -- decryption ----------------------------------------------------------
+    # -- encryption and audit ---------------------------------------------------
 
-    async def _to_tenants(self, rows: Sequence[Any], ticket: Ticket | None = None) -> list[Tenant]:
-        """Turn rows into tenants, decrypting every uncached token of every row in one batch."""
-        memo = self._tenants
-        tenants: list[Tenant | None] = [memo.get(row[0], row) for row in rows]
-        if all(tenants):
-            return tenants  # type: ignore[return-value]
-        cache = self._crypto.cache
-        records: dict[int, dict[str, Any]] = {}
-        missing: list[tuple[int, str, str]] = []  # (row, column, token)
-        for index, row in enumerate(rows):
-            if tenants[index] is not None:
-                continue
-            values = records[index] = dict(zip(_FIELDS, row, strict=True))
-            for column, at in zip(_SECRETS, _SECRET_AT, strict=True):
-                stored = row[at]
-                if not stored:
-                    continue
-                hit = cache.get(stored)  # keyed by the value as stored: no parsing on a hit
-                if hit is not None:
-                    values[column] = hit
-                    continue
-                token = stored_token(stored)
-                if token is None:
-                    if not self._allow_plaintext:
-                        raise PlaintextSecretError(row[0], column, label=TENANTS.label(column))
-                    continue
-                missing.append((index, column, token))
-        if missing:
-            tokens = [token for _, _, token in missing]
-            results = await self._crypto.decrypt_tokens(tokens, ticket=ticket)
-            for (index, column, token), result in zip(missing, results, strict=True):
-                if result is None:
-                    tenant_id = rows[index][0]
-                    error = TenantDecryptionError(tenant_id, column, label=TENANTS.label(column))
-                    logger.error("%s", error)
-                    raise error
-                records[index][column] = result[0]
-                stored = rows[index][_FIELDS.index(column)]
-                if stored is not token:  # padded with whitespace: remember it as stored too
-                    cache.put(stored, result[0])
-        for index, values in records.items():
-            tenant = tenants[index] = Tenant.from_row(values)
-            memo.put(rows[index][0], rows[index], tenant)
-        return tenants  # type: ignore[return-value]
+    async def _encrypt(
+        self, plaintexts: Sequence[str | None], columns: Sequence[str] = SECRETS
+    ) -> list[str | None]:
+        """The tokens to store (one worker hop): `None` stays NULL, `""` becomes a token too."""
+        todo = [i for i, value in enumerate(plaintexts) if value is not None]
+        for i in todo:
+            value = plaintexts[i]
+            if not isinstance(value, str):
+                raise TypeError(f"a secret must be a str or None, not {type(value).__name__}")
+            if "\x00" in value:
+                # Storable as a token, but `migrate down` could never write it back as text.
+                raise EncryptionError(
+                    "it contains a NUL character, which PostgreSQL text cannot hold"
+                )
+        tokens: list[str | None] = [None] * len(plaintexts)
+        if todo:
+            made = await self._crypto.encrypt_values(
+                [plaintexts[i] for i in todo],  # type: ignore[misc]
+                [columns[i] for i in todo],
+            )
+            for i, token in zip(todo, made, strict=True):
+                tokens[i] = token
+        return tokens
+
+    async def _audit_write(
+        self, tenant_id: str, values: dict[str, str | None], outcome: str
+    ) -> None:
+        audit = self._crypto.audit
+        if values and audit.enabled:
+            key_id = self._crypto.keyring.primary_key_id
+            await audit.emit(
+                [
+                    AuditEvent(
+                        "clear" if values.get(column) is None else "write",
+                        TABLE,
+                        column,
+                        tenant_id,
+                        None if values.get(column) is None else key_id,
+                        outcome,
+                    )
+                    for column in SECRETS
+                    if column in values
+                ]
+            )

@@ -597,5 +597,5 @@ async def test_the_application_shares_the_repository_worker_and_cache(
         await crypto.decrypt_many([tokens[0], foreign])
     with pytest.raises(TypeError):
         await crypto.encrypt_many([b"bytes"])  # type: ignore[list-item]
-    with pytest.raises(TypeError, match="cache_size is for a KeyRing"):
+    with pytest.raises(TypeError, match="are for a KeyRing; an AsyncCrypto brings its own"):
         TenantRepository(schema, crypto, cache_size=5)
