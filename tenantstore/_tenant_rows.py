@@ -150,6 +150,12 @@ class TenantDecoder:
             TenantDecryptionError: a token no key decrypts (tenant and column named).
             PlaintextSecretError: a plaintext secret, when plaintext is refused.
         """
+        return [tenant for tenant, _ in await self.entries(rows, ticket)]
+
+    async def entries(
+        self, rows: Sequence[Any], ticket: Ticket | None = None
+    ) -> list[tuple[Tenant, KeyIds]]:
+        """As `tenants`, each with the key id of each of its secrets (for a cache to keep)."""
         memo = self._memo
         found = [memo.get(row[0], row) for row in rows]
         hits = sum(entry is not None for entry in found)
@@ -159,17 +165,22 @@ class TenantDecoder:
         if hits < len(rows):
             metrics.cache("tenants", 0, len(rows) - hits)
             await self._build(rows, found, ticket)
+        entries: list[tuple[Tenant, KeyIds]] = found  # type: ignore[assignment]
+        await self.audit_reads(entries)
+        return entries
+
+    async def audit_reads(self, entries: Sequence[tuple[Tenant, KeyIds]]) -> None:
+        """Emit a `read` event for every secret the tenants carry (from a cache or not)."""
         audit = self._crypto.audit
         if audit.enabled:
             await audit.emit(
                 [
                     AuditEvent("read", TABLE, column, tenant.tenant_id, key_id, "ok")
-                    for tenant, key_ids in filter(None, found)
+                    for tenant, key_ids in entries
                     for column, key_id in zip(SECRETS, key_ids, strict=True)
                     if getattr(tenant, column) is not None
                 ]
             )
-        return [entry[0] for entry in found]  # type: ignore[index]
 
     async def _build(
         self,
