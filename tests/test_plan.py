@@ -109,7 +109,7 @@ def test_summary_lines_are_exact_and_add_failures_only_when_there_are_some() -> 
 
 
 def test_planning_a_page_in_slices_gives_the_same_cells(key: str, old_key: str) -> None:
-    from tenantstore.migrate.secrets import _plan_in_slices
+    from tenantstore.migrate._runner import _plan_in_slices
 
     ring = KeyRing(key, [old_key])
     old = KeyRing(old_key)

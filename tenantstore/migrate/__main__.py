@@ -254,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    # Audit records go to the application's audit handlers, not the operator's terminal.
+    handler.addFilter(lambda record: not record.name.startswith("tenantstore.audit"))
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
