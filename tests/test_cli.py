@@ -160,7 +160,8 @@ async def test_wrong_key_decrypt_and_rotate_stop_at_the_first_page_changing_noth
     old_key: str, tmp_path: Path, operation: str,
 ) -> None:  # fmt: skip
     """`decrypt` and `rotate` with keys that decrypt none of the first page stop there:
-    exit 1, one error saying the key looks wrong, no row changed."""
+    exit 1, one error saying the key looks wrong, no row changed; `status` then shows
+    the run as failed, not as interrupted with advice that a rerun would finish it."""
     pool, _ = wrong_key_table
     before = await snapshot(pool)
     env = {"ENCRYPTION_KEY": key, "OLD_ENCRYPTION_KEY": old_key}
@@ -174,6 +175,10 @@ async def test_wrong_key_decrypt_and_rotate_stop_at_the_first_page_changing_noth
     assert result.stderr.count("Failed to decrypt") <= 10
     assert "Traceback" not in result.stderr
     assert await snapshot(pool) == before
+    status = await asyncio.to_thread(run_cli, ["status"], database_url, env, tmp_path)
+    last = [line for line in status.stdout.splitlines() if line.startswith(f"Last {operation}")]
+    assert len(last) == 1 and f"Last {operation} of tenants: failed" in last[0], status.stdout
+    assert "INTERRUPTED" not in last[0] and "to finish" not in last[0]
 
 
 # -- status is read-only -------------------------------------------------------------------

@@ -278,6 +278,9 @@ async def test_runner_errors_name_the_constraint_and_never_quote_a_secret(
     assert how.names in message and f"SQLSTATE {how.sqlstate}" in message, message
     assert await snapshot(schema) == before
     assert_no_leak({**error_texts(info.value), "logs": caplog.text}, planted.secrets)
+    # Recorded as failed: `status` must not call it interrupted and promise a rerun finishes it.
+    last_run = "SELECT status FROM tenantstore_secret_runs ORDER BY run_id DESC LIMIT 1"
+    assert await schema.fetchval(last_run) == "failed"
 
     args = [operation, "--database-url", database_url]
     args += [part for column in columns for part in ("--column", column)]
