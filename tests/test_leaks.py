@@ -523,6 +523,21 @@ async def test_runner_logs_escape_ids_from_the_database(
         assert_one_line(message)
 
 
+async def test_schema_runner_escapes_migration_names_from_the_database(
+    schema: asyncpg.Pool, key: str
+) -> None:
+    """An applied migration this tenantstore does not know is named in the error
+    escaped: a name holding a newline cannot forge a line."""
+    await schema.execute(
+        "INSERT INTO tenantstore_migrations (version, name, checksum) VALUES (99, $1, 'x')",
+        FORGED,
+    )
+    with pytest.raises(MigrationError) as info:
+        await upgrade(schema, KeyRing(key))
+    assert_one_line(str(info.value))
+    assert "0099_x\\nINFO Verification complete" in str(info.value)
+
+
 # -- upgrade/downgrade read ENCRYPTION_KEY as the CLI does -------------------------------
 
 
