@@ -454,6 +454,35 @@ async def test_asyncio_debug_logs_show_no_plaintext(
     assert "<sealed>" in text  # the hand-back was logged, sealed
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="KeyRing.encrypt_many/decrypt_many hand their result back bare through "
+    "anyio.to_thread.run_sync: asyncio's debug log shows 13+14 characters of each of the "
+    "first six plaintexts (fix in encryption.py: return Sealed(...) from the worker)",
+)
+async def test_keyring_async_helpers_show_no_plaintext_in_asyncio_debug(
+    key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`KeyRing.encrypt_many` / `decrypt_many` under asyncio debug: nothing of the
+    plaintexts in the slow-callback log."""
+    ring = KeyRing(key)
+    secrets = [f"AIzaSyPLANTED-keyring-secret-{i:04d}-4b7d1358aa" for i in range(6)]
+    loop = asyncio.get_running_loop()
+    debug, slow = loop.get_debug(), loop.slow_callback_duration
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0
+    try:
+        with caplog.at_level(logging.DEBUG, logger="asyncio"):
+            tokens = await ring.encrypt_many(secrets)
+            assert await ring.decrypt_many(tokens) == secrets
+    finally:
+        loop.set_debug(debug)
+        loop.slow_callback_duration = slow
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "asyncio")
+    assert "Executing" in text, "no slow callback logged"
+    assert_no_leak({"asyncio log": text}, [key, *secrets, *tokens])
+
+
 # -- log injection: ids from the database cannot forge a line ---------------------------
 
 FORGED = "x\nINFO Verification complete: 999 current key\r\x1b[2K\x1b[1;31mERROR fake"
