@@ -117,15 +117,16 @@ class Guard:
     sqlstate: str
 
 
-TRIGGER = "CREATE TRIGGER reject BEFORE INSERT OR UPDATE ON tenants FOR EACH ROW EXECUTE FUNCTION reject_secret()"  # noqa: E501
-
-
-def trigger(body: str) -> tuple[str, ...]:
+def trigger(body: str, events: str = "INSERT OR UPDATE", row: str = "NEW") -> tuple[str, ...]:
     function = (
         "CREATE FUNCTION reject_secret() RETURNS trigger LANGUAGE plpgsql AS $$ "
-        f"BEGIN {body}; RETURN NEW; END $$"
+        f"BEGIN {body.replace('NEW.', row + '.')}; RETURN {row}; END $$"
     )
-    return (function, TRIGGER)
+    return (
+        function,
+        f"CREATE TRIGGER reject BEFORE {events} ON tenants "
+        "FOR EACH ROW EXECUTE FUNCTION reject_secret()",
+    )
 
 
 CHECK = Guard(
@@ -135,27 +136,29 @@ CHECK = Guard(
     "secret_guard",
     "23514",
 )
-RAISE = Guard(
-    "raise",
-    trigger("RAISE EXCEPTION 'rejected %', NEW.gemini_api_key"),
-    "reject_secret",
-    "P0001",
-)
-RAISE_AS_CHECK = Guard(
-    "raise-errcode",
-    trigger("RAISE EXCEPTION 'rejected %', NEW.gemini_api_key USING ERRCODE = 'check_violation'"),
-    "reject_secret",
-    "23514",
-)
-RAISE_DETAIL = Guard(
-    "raise-detail",
-    trigger(
-        "RAISE EXCEPTION 'rejected' USING DETAIL = NEW.gemini_api_key, "
-        "HINT = coalesce(NEW.oauth_access_token, '')"
+# Triggers raising with the row's values: in the message, with a SQLSTATE of
+# class 23 (whose server messages are otherwise kept), and in DETAIL and HINT.
+RAISES = {
+    "raise": ("RAISE EXCEPTION 'rejected %', NEW.gemini_api_key", "P0001"),
+    "raise-errcode": (
+        "RAISE EXCEPTION 'rejected %', NEW.gemini_api_key USING ERRCODE = 'check_violation'",
+        "23514",
     ),
-    "reject_secret",
-    "P0001",
-)
+    "raise-detail": (
+        "RAISE EXCEPTION 'rejected' USING DETAIL = NEW.gemini_api_key, "
+        "HINT = coalesce(NEW.oauth_access_token, '')",
+        "P0001",
+    ),
+}
+TRIGGERS = [
+    Guard(name, trigger(body), "reject_secret", sqlstate)
+    for name, (body, sqlstate) in RAISES.items()
+]
+# The same, refusing a DELETE and raising with the row being deleted.
+DELETE_TRIGGERS = [
+    Guard(name, trigger(body, "DELETE", "OLD"), "reject_secret", sqlstate)
+    for name, (body, sqlstate) in RAISES.items()
+]
 # decrypt: two tenants share a Gemini key (two tokens of it); once both are
 # plaintext, the index finds the duplicate and quotes it in DETAIL.
 UNIQUE = Guard(
@@ -177,7 +180,6 @@ UNIQUE_PARTIAL = Guard(
     "secret_unique",
     "23505",
 )
-TRIGGERS = [RAISE, RAISE_AS_CHECK, RAISE_DETAIL]
 
 
 @dataclass
@@ -298,6 +300,7 @@ async def test_runner_errors_name_the_constraint_and_never_quote_a_secret(
 
 RepositoryCall = Callable[[TenantRepository], Awaitable[object]]
 REPOSITORY_CALLS: dict[str, tuple[str, RepositoryCall]] = {
+    "delete_tenant": ("twin", lambda r: r.delete_tenant("twin")),
     "set_gemini_api_key": ("victim", lambda r: r.set_gemini_api_key("victim", NEW_PLAIN)),
     "set_secrets": (
         "victim",
@@ -313,7 +316,8 @@ REPOSITORY_CALLS: dict[str, tuple[str, RepositoryCall]] = {
 REPOSITORY_CASES = [
     *[(call, g) for call in ("set_gemini_api_key", "set_secrets") for g in [CHECK, UNIQUE_PARTIAL]],
     *[("create_tenant", CHECK)],
-    *[(call, g) for call in REPOSITORY_CALLS for g in TRIGGERS],
+    *[(call, g) for call in REPOSITORY_CALLS if call != "delete_tenant" for g in TRIGGERS],
+    *[("delete_tenant", g) for g in DELETE_TRIGGERS],
 ]
 
 
