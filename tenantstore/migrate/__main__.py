@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--shard",
         type=parse_shard,
-        default=(0, 1),
+        default="0/1",  # a string, parsed like the option, so --help shows it as typed
         metavar="i/N",
         help="process only shard i of N, to split a table across runners",
     )

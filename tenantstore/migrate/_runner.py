@@ -176,7 +176,11 @@ class Runner:
                     now - outage_started, self.retry_for,
                 )  # fmt: skip
                 await anyio.sleep(delay)
+            except MigrationError:  # stopped on purpose (the keys look wrong)
+                await self._record_failed()
+                raise
             except asyncpg.PostgresError as exc:  # not a connection problem: retrying won't help
+                await self._record_failed()
                 raise MigrationError(
                     f"{self.operation} of {self.table.qualified_name} stopped: "
                     f"{describe_driver_error(exc)}. Nothing is half-written; fix the cause "
@@ -199,6 +203,15 @@ class Runner:
                 )
         elif self.run_id is not None:
             await conn.execute(TRACK["touch_run"], self.run_id, self.done)
+
+    async def _record_failed(self) -> None:
+        """Mark a run that stopped for good as failed, so `status` does not call it
+        interrupted and advise a rerun that would stop the same way."""
+        if self.run_id is not None:
+            try:
+                await self.pool.execute(TRACK["finish_run"], self.run_id, "failed", self.done, None)
+            except (*_RETRYABLE, asyncpg.PostgresError):
+                pass  # the run stays 'running'; status shows it as interrupted
 
     async def _finish(self, conn: AnyConnection) -> None:
         if self.run_id is None:

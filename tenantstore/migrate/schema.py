@@ -36,6 +36,7 @@ from ..errors import (
     MigrationChecksumError,
     MigrationError,
     describe_driver_error,
+    printable,
 )
 from ..models import TENANTS
 from ._tracking import TRACK, ensure_tracking_tables
@@ -151,7 +152,7 @@ def _check_checksums(migrations: Sequence[Migration], applied: Sequence[AppliedM
         known = by_version.get(row.version)
         if known is None:
             raise MigrationError(
-                f"the database has migration {row.version:04d}_{row.name}, which this "
+                f"the database has migration {row.version:04d}_{printable(row.name)}, which this "
                 "tenantstore does not know: upgrade tenantstore first"
             )
         if known.checksum != row.checksum:
