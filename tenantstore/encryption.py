@@ -21,7 +21,7 @@ import binascii
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import anyio.to_thread
@@ -70,12 +70,7 @@ __all__ = [
 
 _S = TypeVar("_S", str, str | None)  # batches keep None in, None out
 
-_Encrypt = Callable[..., list[str]]
-_Decrypt = Callable[[Sequence[FernetKey], Sequence[str]], list[tuple[str, int] | None]]
-FERNET_IMPLEMENTATIONS: dict[str, tuple[_Encrypt, _Decrypt]] = {
-    "batch": (encrypt_values, decrypt_tokens),
-    "pyca": (pyca_encrypt_values, pyca_decrypt_tokens),
-}
+FERNET_IMPLEMENTATIONS = ("batch", "pyca")
 """`batch`: tenantstore's batch Fernet (`_fernet`); `pyca`: `cryptography.fernet.Fernet`."""
 
 # A Fernet token is urlsafe-base64 of: version 0x80 | timestamp (8) | IV (16)
@@ -172,7 +167,7 @@ class KeyRing:
         ConfigurationError: `fernet` is neither `"batch"` nor `"pyca"`.
     """
 
-    __slots__ = ("_decrypt", "_encrypt", "_keys", "fernet")
+    __slots__ = ("_keys", "fernet")
 
     def __init__(
         self, primary: str, previous: Iterable[str] = (), *, fernet: FernetImplementation = "batch"
@@ -195,7 +190,22 @@ class KeyRing:
             )
         self._keys = keys
         self.fernet: FernetImplementation = fernet
-        self._encrypt, self._decrypt = FERNET_IMPLEMENTATIONS[fernet]
+
+    # The implementation is looked up per call, not bound once: every Fernet
+    # operation goes through these module functions (tests spy on them).
+    def _encrypt(
+        self, key: FernetKey, values: Sequence[bytes], *, current_time: int, randomness: bytes
+    ) -> list[str]:
+        if self.fernet == "pyca":
+            return pyca_encrypt_values(key, values, current_time=current_time)
+        return encrypt_values(key, values, current_time=current_time, randomness=randomness)
+
+    def _decrypt(
+        self, keys: Sequence[FernetKey], tokens: Sequence[str]
+    ) -> list[tuple[str, int] | None]:
+        if self.fernet == "pyca":
+            return pyca_decrypt_tokens(keys, tokens)
+        return decrypt_tokens(keys, tokens)
 
     @classmethod
     def _named(

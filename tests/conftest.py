@@ -16,6 +16,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+
+# The SoftHSM2 token of the envelope-mode tests: registered here, once, so the
+# whole session shares one token (the PKCS#11 module reads its conf only once).
+from _softhsm import kek_a, kek_b, softhsm  # noqa: F401
 from cryptography.fernet import Fernet
 
 from tenantstore import KeyRing

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from _softhsm import KEK_A, KEK_B, KEK_EXTRACTABLE, SoftHsm, kek_a, kek_b, softhsm
+from _softhsm import KEK_A, KEK_B, KEK_EXTRACTABLE, SoftHsm
 from cryptography.fernet import Fernet
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.exceptions import AttributeSensitive
@@ -29,8 +29,6 @@ from tenantstore.keys import (
 )
 from tenantstore.keys.pkcs11 import Pkcs11Provider
 from tenantstore.migrate import upgrade
-
-__all__ = ["kek_a", "kek_b", "softhsm"]  # fixtures
 
 
 @pytest.fixture
@@ -100,7 +98,7 @@ def test_a_module_path_that_does_not_exist_is_refused(softhsm: SoftHsm, tmp_path
         Pkcs11Provider(module=missing, token=softhsm.token, pin=softhsm.pin, kek=KEK_A)
     not_a_module = tmp_path / "fake.so"
     not_a_module.write_text("not a shared object")
-    with pytest.raises(KeyProviderError, match="cannot load the PKCS#11 module"):
+    with pytest.raises(KeyProviderError, match="cannot load or initialise the PKCS#11 module"):
         Pkcs11Provider(module=str(not_a_module), token=softhsm.token, pin=softhsm.pin, kek=KEK_A)
 
 

@@ -87,7 +87,8 @@ class Pkcs11Provider:
             lib = pkcs11.lib(module)
         except PKCS11Error as exc:
             raise KeyProviderError(
-                f"cannot load the PKCS#11 module {printable(module)} ({MODULE}): {_reason(exc)}"
+                f"cannot load or initialise the PKCS#11 module {printable(module)} ({MODULE}): "
+                f"{_reason(exc)}; check that the HSM is reachable and its client configured"
             ) from None
         where = f"token {printable(token)!r}"
         try:
