@@ -228,6 +228,10 @@ async def _list(args: argparse.Namespace) -> int:
     if envelope:
         token = nonblank_setting(settings, _pkcs11_settings.TOKEN)
         kek = nonblank_setting(settings, _pkcs11_settings.KEK)
+        if token is None or kek is None:
+            raise ConfigurationError(
+                f"{_pkcs11_settings.TOKEN} and {_pkcs11_settings.KEK} must be set in pkcs11 mode"
+            )
         print(f"provider pkcs11: KEK pkcs11:token={token};key={kek} (data keys below)")
     else:
         from ..config import configured_keys
