@@ -109,7 +109,8 @@ async def record_key_use(conn: Any, key_id: str, *, primary: bool) -> None:
             migration 0005 is not applied); the message holds no value.
     """
     check_key_id(key_id)
-    in_transaction = isinstance(conn, asyncpg.Connection) and conn.is_in_transaction()
+    # A pool has no is_in_transaction; a connection (or the pool's proxy of one) does.
+    in_transaction = bool(getattr(conn, "is_in_transaction", lambda: False)())
     failure: BaseException | None = None
     for attempt in range(_ATTEMPTS):
         try:
