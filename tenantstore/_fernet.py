@@ -24,6 +24,11 @@ key pads every call. Over a batch we pay both once:
   outer pads: per token two state copies and two updates.
 
 Clock and randomness come in as arguments, so tests can pin them.
+
+`pyca_encrypt_values` and `pyca_decrypt_tokens` do the same through pyca's
+`cryptography.fernet.Fernet`, one token at a time, for users who want only
+pyca's code on the path (`KeyRing(..., fernet="pyca")`): same tokens, same
+results, same key index.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 
+from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 __all__ = [
@@ -43,6 +49,8 @@ __all__ = [
     "decrypt_tokens",
     "encrypt_values",
     "failure_reason",
+    "pyca_decrypt_tokens",
+    "pyca_encrypt_values",
 ]
 
 KEY_ID_LABEL = b"tenantstore key id v1"
@@ -61,7 +69,7 @@ class FernetKey:
         ValueError: the key is not 32 url-safe base64-encoded bytes.
     """
 
-    __slots__ = ("_aes", "_inner", "_outer", "key_id")
+    __slots__ = ("_aes", "_inner", "_outer", "key_id", "pyca")
 
     def __init__(self, key: str) -> None:
         try:
@@ -77,6 +85,7 @@ class FernetKey:
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in signing))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in signing))
         self._aes = algorithms.AES(raw[16:])
+        self.pyca = Fernet(key)  # for KeyRing(fernet="pyca")
 
     def __repr__(self) -> str:
         return f"<FernetKey {self.key_id}>"
@@ -184,3 +193,36 @@ def failure_reason(keys: Sequence[FernetKey], token: str) -> str:
     if any(hmac.compare_digest(key.mac(body), signature) for key in keys):
         return "corrupt"
     return "wrong_key"
+
+
+def pyca_encrypt_values(
+    key: FernetKey, values: Sequence[bytes], *, current_time: int, randomness: bytes | None = None
+) -> list[str]:
+    """`encrypt_values` through pyca's `Fernet` (its own random IVs; `randomness` unused)."""
+    fernet = key.pyca
+    return [fernet.encrypt_at_time(value, current_time).decode("ascii") for value in values]
+
+
+def pyca_decrypt_tokens(
+    keys: Sequence[FernetKey], tokens: Sequence[str]
+) -> list[tuple[str, int] | None]:
+    """`decrypt_tokens` through pyca's `Fernet`: each key in order, as `MultiFernet` does.
+
+    pyca checks the HMAC before it decrypts, so a key that did not make the
+    token fails there; the first key that decrypts it gives the index.
+    """
+    results: list[tuple[str, int] | None] = []
+    for token in tokens:
+        result: tuple[str, int] | None = None
+        for key_index, key in enumerate(keys):
+            try:
+                data = key.pyca.decrypt(token)
+            except (InvalidToken, TypeError, ValueError):  # ValueError: non-ASCII str
+                continue
+            try:
+                result = (data.decode("utf-8"), key_index)
+            except UnicodeDecodeError:
+                result = None
+            break
+        results.append(result)
+    return results

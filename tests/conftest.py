@@ -16,11 +16,30 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+
+# The SoftHSM2 token of the envelope-mode tests: registered here, once, so the
+# whole session shares one token (the PKCS#11 module reads its conf only once).
+from _softhsm import kek_a, kek_b, softhsm  # noqa: F401
 from cryptography.fernet import Fernet
 
 from tenantstore import KeyRing
 
-_CLEARED_SETTINGS = ("DATABASE_URL", "ENCRYPTION_KEY", "OLD_ENCRYPTION_KEY")
+_CLEARED_SETTINGS = (
+    "DATABASE_URL",
+    "ENCRYPTION_KEY",
+    "OLD_ENCRYPTION_KEY",
+    "ENCRYPTION_KEYS",
+    "ENCRYPTION_KEY_FILE",
+    "OLD_ENCRYPTION_KEY_FILE",
+    "ENCRYPTION_KEYS_FILE",
+    "TENANTSTORE_FERNET",
+    "TENANTSTORE_KEY_PROVIDER",
+    "TENANTSTORE_PKCS11_MODULE",
+    "TENANTSTORE_PKCS11_TOKEN",
+    "TENANTSTORE_PKCS11_PIN",
+    "TENANTSTORE_PKCS11_PIN_FILE",
+    "TENANTSTORE_PKCS11_KEK",
+)
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,7 @@ from cryptography.fernet import Fernet
 
 from tenantstore import KeyRing
 from tenantstore.encryption import is_encrypted
-from tenantstore.migrate import upgrade
+from tenantstore.migrate import load_migrations, upgrade
 from tenantstore.migrate.__main__ import _parser, main
 
 
@@ -229,11 +229,12 @@ async def test_status_records_nothing_and_keeps_the_last_verify(
 async def test_status_after_down_to_zero_says_the_table_is_gone(
     database_url: str, pool: asyncpg.Pool, key: str, tmp_path: Path
 ) -> None:
-    """After `down 4 --yes`, with the key set, `status` says the table does not exist,
+    """After `down N --yes` to version 0, with the key set, `status` says the table does not exist,
     not that ENCRYPTION_KEY is missing."""
     env = {"ENCRYPTION_KEY": key}
     assert (await asyncio.to_thread(run_cli, ["up"], database_url, env, tmp_path)).returncode == 0
-    down = await asyncio.to_thread(run_cli, ["down", "4", "--yes"], database_url, env, tmp_path)
+    every = str(len(load_migrations()))
+    down = await asyncio.to_thread(run_cli, ["down", every, "--yes"], database_url, env, tmp_path)
     assert down.returncode == 0, down.stderr
     status = await asyncio.to_thread(run_cli, ["status"], database_url, env, tmp_path)
     assert status.returncode == 0, status.stderr
@@ -255,7 +256,7 @@ async def test_status_json_is_versioned_with_per_column_counts(
     result = await asyncio.to_thread(run_cli, ["status", "--json"], database_url, env, tmp_path)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["schema"] == 1 and data["version"] == 4
+    assert data["schema"] == 1 and data["version"] == len(load_migrations())
     columns = data["counts"]["columns"]
     assert set(columns) == {
         "gemini_api_key", "oauth_access_token", "oauth_refresh_token", "webhook_signing_secret"
@@ -377,7 +378,7 @@ async def test_down_warns_about_plaintext_only_for_steps_that_decrypt(
     """`down` of 0004 and of 0002 (which decrypt) warns that secrets will be stored in
     plaintext; `down` of 0003 and of 0001 (which decrypt nothing) does not."""
     monkeypatch.setenv("ENCRYPTION_KEY", key)
-    await upgrade(pool, KeyRing(key))
+    await upgrade(pool, KeyRing(key), target=4)
     await pool.execute(
         "INSERT INTO tenants (tenant_id, name, gemini_api_key) VALUES ('a', 'A', $1)",
         KeyRing(key).encrypt("k"),

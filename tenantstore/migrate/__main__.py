@@ -26,6 +26,7 @@ from ..errors import (
     EncryptionKeyMissingError,
     TenantStoreError,
     describe_driver_error,
+    printable,
 )
 from ..models import TENANTS
 from ..tables import EncryptedTable
@@ -145,6 +146,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 1 unless every secret is a token under the primary key",
     )
+    verify.add_argument(
+        "--retire",
+        metavar="KEY_ID",
+        help="exit 1 while any secret is still under this key id (see `keys list`)",
+    )
     return parser
 
 
@@ -198,6 +204,17 @@ async def _run(args: argparse.Namespace, keyring: KeyRing | None) -> int:
             print(
                 f"error: {report.previous} previous-key and {report.plaintext} plaintext secrets "
                 "remain: run rotate / encrypt before removing OLD_ENCRYPTION_KEY",
+                file=sys.stderr,
+            )
+            return 1
+        retire = getattr(args, "retire", None)
+        if retire is not None and report.keys[retire]:
+            counts = ", ".join(
+                f"{name} {c.keys[retire]}" for name, c in report.columns.items() if c.keys[retire]
+            )
+            print(
+                f"error: {report.keys[retire]} secrets are still under key {printable(retire)} "
+                f"({counts}): run rotate before retiring it",
                 file=sys.stderr,
             )
             return 1

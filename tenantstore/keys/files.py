@@ -1,4 +1,4 @@
-"""Key generation and rotation: `python -m tenantstore.keys generate [--write PATH]`.
+"""Key files: the dotenv files `python -m tenantstore.keys generate --write PATH` writes.
 
 A lost key means lost secrets: every token made with it becomes unreadable.
 Back the printed key up in your secrets manager before you use it.
@@ -24,23 +24,22 @@ descriptor handling lives in the private `_KeyFile` helpers.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
 import os
 import secrets
 import stat
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import parse_env_text
-from .encryption import ENCRYPTION_KEY, OLD_ENCRYPTION_KEY, KeyRing, generate_encryption_key
-from .errors import ConfigurationError, InvalidEncryptionKeyError
+from ..config import ENCRYPTION_KEY, OLD_ENCRYPTION_KEY, parse_env_text
+from ..encryption import KeyRing
+from ..errors import ConfigurationError, InvalidEncryptionKeyError
 
 __all__ = [
+    "BACKUP_ADVICE",
     "KeyFileError",
     "KeyFileExistsError",
     "NothingToRotateError",
@@ -48,7 +47,6 @@ __all__ = [
     "append_key",
     "append_key_text",
     "check_key_file_stat",
-    "main",
     "rotate_env_text",
     "rotate_key_file",
 ]
@@ -420,86 +418,3 @@ def rotate_key_file(path: str | os.PathLike[str], key: str) -> None:
         raise NothingToRotateError(f"{file} does not exist: nothing to rotate") from None
     except OSError as exc:
         raise _os_error(exc, file) from None
-
-
-# -- command line -----------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m tenantstore.keys", description="Manage tenantstore encryption keys."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    generate = commands.add_parser(
-        "generate",
-        help="make a new Fernet key: print it, or write it to an env file",
-        description=(
-            "Make a new Fernet key. Without --write, print ENCRYPTION_KEY=<key> on stdout. "
-            "With --write, the key goes only to the file; the file must be a regular file "
-            "(not a symlink) that only its owner can access, or not exist yet (it is then "
-            "created with mode 0600)."
-        ),
-    )
-    generate.add_argument(
-        "--write",
-        metavar="PATH",
-        help=(
-            "add ENCRYPTION_KEY=<key> to this env file instead of printing the key: create "
-            "it with mode 0600, or append to it; refuses a file that already sets "
-            "ENCRYPTION_KEY, a symlink, and a file group or others can access"
-        ),
-    )
-    mode = generate.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--if-missing",
-        action="store_true",
-        help="with --write: do nothing (exit 0) when the file already sets ENCRYPTION_KEY",
-    )
-    mode.add_argument(
-        "--rotate",
-        action="store_true",
-        help=(
-            "with --write: move the file's ENCRYPTION_KEY to the front of OLD_ENCRYPTION_KEY "
-            "and write the new key as ENCRYPTION_KEY, keeping every other line; the file is "
-            "replaced atomically"
-        ),
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the key CLI; return the process exit code (0 ok, 2 usage or refused)."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.if_missing and args.write is None:
-        parser.error("--if-missing needs --write PATH")
-    if args.rotate and args.write is None:
-        parser.error("--rotate needs --write PATH")
-
-    key = generate_encryption_key()
-    if args.write is None:
-        print(f"{ENCRYPTION_KEY}={key}")
-        print(BACKUP_ADVICE, file=sys.stderr)
-        return 0
-    try:
-        if args.rotate:
-            rotate_key_file(args.write, key)
-            print(
-                f"Moved the previous {ENCRYPTION_KEY} to {OLD_ENCRYPTION_KEY} and wrote a new "
-                f"{ENCRYPTION_KEY} to {args.write}. {BACKUP_ADVICE} Deploy both keys, then "
-                "re-encrypt with `python -m tenantstore.migrate rotate`.",
-                file=sys.stderr,
-            )
-            return 0
-        if not append_key(args.write, key, if_missing=args.if_missing):
-            print(f"{args.write} already sets {ENCRYPTION_KEY}; keeping it.", file=sys.stderr)
-            return 0
-    except ConfigurationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"Wrote a new {ENCRYPTION_KEY} to {args.write}. {BACKUP_ADVICE}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
