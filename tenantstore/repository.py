@@ -31,6 +31,8 @@ from .audit import AuditEvent, AuditLog
 from .crypto import AsyncCrypto
 from .encryption import KeyRing
 from .errors import EncryptionError, TenantExistsError, TenantNotFoundError, database_error
+from .keys.check import KeyCheckReport, check_keys
+from .keys.store import KeyUseRecorder
 from .models import Tenant
 
 __all__ = ["MAX_TENANT_ID_LENGTH", "TenantRepository", "validate_tenant_id"]
@@ -87,6 +89,8 @@ class TenantRepository:
         self._db = pool
         self._crypto = crypto
         self._decoder = TenantDecoder(crypto, allow_plaintext=allow_plaintext)
+        # tenantstore_keys learns which key encrypts, at most once per key per interval.
+        self._key_use = KeyUseRecorder(pool)
         self._set_sql: dict[tuple[str, ...], str] = {}
 
     def __repr__(self) -> str:
@@ -101,6 +105,25 @@ class TenantRepository:
     async def aclose(self) -> None:
         """Flush and close the audit sinks. The pool is not closed (it is the caller's)."""
         await self._crypto.aclose()
+
+    async def check_keys(self, *, sample: int = 20) -> KeyCheckReport:
+        """Check the key ring against the database, for start-up and readiness probes.
+
+        See `tenantstore.keys.check_keys`: the key ids the database uses that
+        the ring lacks, and a canary decrypt of `sample` stored tokens per
+        secret column. The outcome is the `tenantstore.keys.check` gauge.
+
+        Raises:
+            KeyCheckError: a key is missing or a canary fails (`.report` says which).
+        """
+        metrics = self._crypto.metrics
+        try:
+            report = await check_keys(self._db, self._crypto.keyring, sample=sample)
+        except BaseException:
+            metrics.check_passed = False
+            raise
+        metrics.check_passed = True
+        return report
 
     @property
     def crypto(self) -> AsyncCrypto:
@@ -201,6 +224,7 @@ class TenantRepository:
             raise database_error(exc, "create_tenant", tenant_id=tenant_id) from None
         assert row is not None
         await self._audit_write(tenant_id, secrets, "ok")
+        await self._recorded(tokens)
         values = dict(zip(FIELDS, row, strict=True))
         values.update(zip(SECRETS, plaintexts, strict=True))
         return Tenant.from_row(values)
@@ -233,6 +257,7 @@ class TenantRepository:
             await self._audit_write(tenant_id, values, "not_found")
             raise TenantNotFoundError(tenant_id)
         await self._audit_write(tenant_id, values, "ok")
+        await self._recorded(tokens)
 
     async def set_gemini_api_key(self, tenant_id: str, api_key: str | None) -> None:
         """Replace a tenant's Gemini API key (None clears it): `set_secrets(gemini_api_key=...)`.
@@ -276,6 +301,14 @@ class TenantRepository:
             for i, token in zip(todo, made, strict=True):
                 tokens[i] = token
         return tokens
+
+    async def _recorded(self, tokens: Sequence[str | None]) -> None:
+        """After a write that stored tokens: tenantstore_keys hears of the primary key."""
+        if any(token is not None for token in tokens):
+            # On the caller's own connection the record runs in a savepoint when
+            # a transaction is open, so its failure cannot abort that transaction.
+            conn = None if isinstance(self._db, asyncpg.Pool) else self._db
+            await self._key_use.record(self._crypto.keyring.primary_key_id, primary=True, conn=conn)
 
     async def _audit_write(
         self, tenant_id: str, values: dict[str, str | None], outcome: str

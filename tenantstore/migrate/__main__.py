@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import anyio.to_thread
 import asyncpg
 
+from ..config import load_settings
 from ..db import create_pool, embedded_database_url, resolve_database_url
 from ..encryption import KeyRing
 from ..errors import (
@@ -28,6 +29,8 @@ from ..errors import (
     describe_driver_error,
     printable,
 )
+from ..keys.envelope import keyring_from_env
+from ..keys.providers import provider_name
 from ..models import TENANTS
 from ..tables import EncryptedTable
 from ._format import format_status, report_data
@@ -168,7 +171,7 @@ def _table(args: argparse.Namespace) -> EncryptedTable:
     return EncryptedTable(table, key=keys if len(keys) > 1 else keys[0], secrets=columns)
 
 
-async def _run(args: argparse.Namespace, keyring: KeyRing | None) -> int:
+async def _run(args: argparse.Namespace, keyring: KeyRing | None, *, hsm: bool = False) -> int:
     url = resolve_database_url(args.database_url)
     if url is None:
         url = await anyio.to_thread.run_sync(embedded_database_url)
@@ -176,6 +179,12 @@ async def _run(args: argparse.Namespace, keyring: KeyRing | None) -> int:
     # min_size=0: no background reconnect loop, whose tracebacks would read like
     # a crash during an outage the runner reports itself.
     pool = await create_pool(url, min_size=0, max_size=3, server_settings=settings)
+    if hsm:  # envelope mode: the data keys come from tenantstore_keys, unwrapped by the HSM
+        try:
+            keyring = await keyring_from_env(pool)
+        except BaseException:
+            await pool.close()
+            raise
     progress = make_progress(args.command, "none" if args.quiet or args.json else "auto")
     options: RunOptions = {
         "batch_size": args.batch_size,
@@ -278,13 +287,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command not in ("up", "down"):
             _table(args)  # a bad --table/--column is a usage error, before any I/O
-        try:
-            keyring: KeyRing | None = KeyRing.from_env()
-        except EncryptionKeyMissingError:
-            if args.command in _BATCH_OPERATIONS:
-                raise
-            keyring = None
-        return asyncio.run(_run(args, keyring))
+        keyring: KeyRing | None = None
+        hsm = provider_name(load_settings(None, [".env.secrets"])) != "env"
+        if not hsm:
+            try:
+                keyring = KeyRing.from_env()
+            except EncryptionKeyMissingError:
+                if args.command in _BATCH_OPERATIONS:
+                    raise
+        return asyncio.run(_run(args, keyring, hsm=hsm))
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: {args.command} stopped. Nothing is half-written; run the same "

@@ -24,7 +24,14 @@ import asyncpg
 from .._catalog import resolve_table
 from ..db import AnyConnection
 from ..encryption import KeyRing
-from ..errors import ConfigurationError, MigrationError, describe_driver_error, printable
+from ..errors import (
+    ConfigurationError,
+    MigrationError,
+    TenantStoreError,
+    describe_driver_error,
+    printable,
+)
+from ..keys.store import keys_table_exists, record_key_use
 from ..models import TENANTS
 from ..tables import EncryptedTable
 from ._statements import RunnerStatements
@@ -220,6 +227,20 @@ class Runner:
         counts = self.report.as_dict()
         del counts["failures"], counts["failed_tenant_ids"]
         await conn.execute(TRACK["finish_run"], self.run_id, status, self.done, json.dumps(counts))
+        await self._record_keys(conn)
+
+    async def _record_keys(self, conn: AnyConnection) -> None:
+        """Tell tenantstore_keys which keys this run found and made: once per key per run."""
+        used = {key_id: False for key_id in self.report.keys}  # found: decrypt-only or as is
+        if self.operation in ("encrypt", "rotate") and self.report.changed:
+            used[self.keyring.primary_key_id] = True  # made: the primary
+        if not used or not await keys_table_exists(conn):
+            return
+        for key_id, as_primary in sorted(used.items()):
+            try:
+                await record_key_use(conn, key_id, primary=as_primary)
+            except TenantStoreError as exc:  # never the run's failure: it is done
+                logger.warning("could not record key %s in tenantstore_keys: %s", key_id, exc)
 
     async def _read(self, conn: AnyConnection, after: Any, first: bool) -> list[asyncpg.Record]:
         assert self.sql is not None
