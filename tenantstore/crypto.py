@@ -84,7 +84,8 @@ class AsyncCrypto:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Flush and close the audit sinks (a buffering sink writes what it holds)."""
+        """Flush the metrics and close the audit sinks (a buffering sink writes what it holds)."""
+        self.metrics.flush()
         await self.audit.aclose()
 
     @property

@@ -120,9 +120,9 @@ class TenantRepository:
         try:
             report = await check_keys(self._db, self._crypto.keyring, sample=sample)
         except BaseException:
-            metrics.check_passed = False
+            metrics.key_check(False)
             raise
-        metrics.check_passed = True
+        metrics.key_check(True)
         return report
 
     @property

@@ -83,10 +83,10 @@ async def test_repository_check_keys_names_a_missing_key_and_sets_the_gauge(
         await repo.check_keys()
     assert KeyRing(old_key).primary_key_id in str(info.value)
     assert key not in str(info.value) and old_key not in str(info.value)
-    assert repo.crypto.metrics.check_passed is False
+    assert repo.crypto.metrics.last_check is False
     both = TenantRepository(migrated, KeyRing(key, [old_key]))
     report = await both.check_keys()
-    assert report.ok and both.crypto.metrics.check_passed is True
+    assert report.ok and both.crypto.metrics.last_check is True
 
 
 async def test_migrate_rotate_reads_its_keys_from_the_hsm_in_envelope_mode(

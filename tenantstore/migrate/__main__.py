@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 import anyio.to_thread
@@ -34,6 +35,7 @@ from ..keys.providers import provider_name
 from ..models import TENANTS
 from ..tables import EncryptedTable
 from ._format import format_status, report_data
+from ._textfile import write_metrics_file
 from .progress import make_progress, redirect_logging
 from .schema import MigrationReport, StatusReport, downgrade, migration_status, upgrade
 from .secrets import (
@@ -91,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_RETRY_FOR,
         metavar="SECONDS",
         help="how long a lost database connection is retried, with backoff, before giving up",
+    )
+    common.add_argument(
+        "--metrics-file",
+        metavar="PATH",
+        help="also write the run's figures here, in the Prometheus text format "
+        "(for node_exporter's textfile collector; written atomically)",
     )
     common.add_argument("--quiet", action="store_true", help="no progress output")
     common.add_argument(
@@ -192,12 +200,51 @@ async def _run(args: argparse.Namespace, keyring: KeyRing | None, *, hsm: bool =
         "progress": progress,
         "retry_for": args.retry_for,
     }
+    started = time.monotonic()
+    report: MigrationReport | SecretsReport | StatusReport | None = None
     try:
         with redirect_logging(progress):
             report = await _command(args, keyring, pool, url, options, settings)
+    except BaseException as exc:
+        outcome = (
+            "interrupted"
+            if isinstance(exc, KeyboardInterrupt | asyncio.CancelledError)
+            else "failed"
+        )
+        _metrics_file(args, report, outcome, time.monotonic() - started)
+        raise
     finally:
         progress.close()
         await pool.close()
+    code = _report(args, report)
+    _metrics_file(args, report, "completed" if code == 0 else "failed", time.monotonic() - started)
+    return code
+
+
+def _metrics_file(
+    args: argparse.Namespace,
+    report: MigrationReport | SecretsReport | StatusReport | None,
+    outcome: str,
+    seconds: float,
+) -> None:
+    """Write `--metrics-file`, if asked (never fails the run: a warning if it cannot)."""
+    if args.metrics_file is None:
+        return
+    table = (
+        TENANTS.qualified_name if args.command in ("up", "down") else _table(args).qualified_name
+    )
+    try:
+        write_metrics_file(
+            args.metrics_file, args.command, table, report, outcome=outcome, seconds=seconds
+        )
+    except OSError as exc:
+        logger.warning("could not write --metrics-file: %s", describe_driver_error(exc))
+
+
+def _report(
+    args: argparse.Namespace, report: MigrationReport | SecretsReport | StatusReport
+) -> int:
+    """Print the report (text or JSON) and return the exit code it calls for."""
     if args.json:
         print(json.dumps(report_data(report), default=str))
     elif isinstance(report, StatusReport):
