@@ -20,11 +20,10 @@ names from `TENANTS` and the schema `resolve_table` found.
 
 from __future__ import annotations
 
-import getpass
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, Literal, TextIO
+from typing import Any, Final, Literal
 
 import anyio.to_thread
 import asyncpg
@@ -33,18 +32,17 @@ from .._catalog import ResolvedTable, resolve_table
 from .._queries import identifier, join, load_queries, render
 from ..encryption import KeyRing, stored_token
 from ..errors import (
-    ConfigurationError,
     EncryptionError,
     TableDefinitionError,
     TenantNotFoundError,
     TenantStoreError,
     UnknownSecretError,
     database_error,
-    describe_driver_error,
     printable,
 )
 from ..models import TENANTS
 from ..repository import validate_tenant_id
+from ._input import MAX_SECRET_BYTES, SecretInputError, parse_piped_value, read_secret_value
 
 __all__ = [
     "MASK",
@@ -66,9 +64,6 @@ __all__ = [
 
 MASK: Final = "**********"
 """What `show` prints in place of every stored secret, whatever its length."""
-
-MAX_SECRET_BYTES: Final = 65_536
-"""The longest value `set-secret` accepts on stdin: more is a wrong file piped in."""
 
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 _Q = load_queries("operator.sql")
@@ -92,13 +87,6 @@ class SecretChangedError(TenantStoreError):
             f"{printable(column)} of tenant {printable(tenant_id)} was changed by another "
             "writer while this command ran; nothing was written: run the command again"
         )
-
-
-class SecretInputError(ConfigurationError):
-    """The value given for a secret is refused (empty, NUL, not UTF-8, entries differ, ...).
-
-    The message says why, never what the value is.
-    """
 
 
 class _ReadCurrent:
@@ -440,105 +428,3 @@ async def set_secret(
     if status == "UPDATE 0":
         raise SecretChangedError(tenant_id, column)
     return SecretWritten(tenant_id, column, None if token is None else keyring.primary_key_id)
-
-
-# -- the new value, from a terminal or stdin -------------------------------------------
-
-
-def parse_piped_value(data: bytes, *, allow_empty: bool = False) -> str:
-    """The secret in what was piped to stdin.
-
-    Exactly one trailing line break (`\\n` or `\\r\\n`) is removed, as
-    `echo` and editors add one; every other character, whitespace
-    included, is part of the value.
-
-    Args:
-        data: everything read from stdin.
-        allow_empty: accept an empty value (stored as a token of `""`).
-
-    Returns:
-        The value.
-
-    Raises:
-        SecretInputError: more than `MAX_SECRET_BYTES`, not UTF-8, a NUL
-            character, or empty without `allow_empty`.
-    """
-    if len(data) > MAX_SECRET_BYTES:
-        raise SecretInputError(
-            f"stdin holds more than {MAX_SECRET_BYTES} bytes: not a secret (a wrong file?)"
-        )
-    if data.endswith(b"\r\n"):
-        data = data[:-2]
-    elif data.endswith(b"\n"):
-        data = data[:-1]
-    try:
-        value = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise SecretInputError("the value on stdin is not valid UTF-8") from None
-    return _check_value(value, allow_empty=allow_empty, where="on stdin")
-
-
-def _check_value(value: str, *, allow_empty: bool, where: str) -> str:
-    if "\x00" in value:
-        raise SecretInputError(
-            f"the value {where} holds a NUL character, which PostgreSQL text cannot hold"
-        )
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise SecretInputError(f"the value {where} is not valid unicode") from None
-    if not value and not allow_empty:
-        raise SecretInputError(
-            f"the value {where} is empty (pass --allow-empty to store an empty secret, "
-            "or --clear to remove it)"
-        )
-    return value
-
-
-def read_secret_value(
-    tenant_id: str,
-    column: str,
-    *,
-    stdin: TextIO,
-    stderr: TextIO,
-    confirm: bool = True,
-    allow_empty: bool = False,
-) -> str:
-    """Read a new secret: a hidden prompt on a terminal, else everything on stdin.
-
-    On a terminal the value is read with `getpass` (no echo), the prompt on
-    `stderr` naming the tenant and the column's label; with `confirm` it is
-    asked twice and both entries must match. Otherwise stdin is read to its
-    end (see `parse_piped_value`). Blocking: call it outside the event loop,
-    so Ctrl-C interrupts the prompt and `getpass` restores the terminal.
-
-    Args:
-        tenant_id: the tenant, for the prompt.
-        column: the secret column, for the prompt's label.
-        stdin: where the value comes from.
-        stderr: where the prompts go.
-        confirm: on a terminal, ask twice.
-        allow_empty: accept an empty value.
-
-    Returns:
-        The value.
-
-    Raises:
-        SecretInputError: the value is refused, the entries differ, or the
-            input ended before a value.
-    """
-    if not stdin.isatty():
-        try:
-            data = stdin.buffer.read(MAX_SECRET_BYTES + 1)
-        except OSError as exc:
-            raise SecretInputError(f"cannot read stdin: {describe_driver_error(exc)}") from None
-        return parse_piped_value(data, allow_empty=allow_empty)
-    what = f"{TENANTS.label(column)} for tenant {printable(tenant_id)}"
-    try:
-        value = getpass.getpass(f"New {what}: ", stream=stderr)
-        _check_value(value, allow_empty=allow_empty, where="entered")
-        if confirm and getpass.getpass(f"Repeat the {what}: ", stream=stderr) != value:
-            raise SecretInputError("the two entries differ; nothing was written")
-    except EOFError:
-        raise SecretInputError("the input ended before a value was entered") from None
-    return value
