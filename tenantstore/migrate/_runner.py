@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,7 +37,7 @@ from ..models import TENANTS
 from ..tables import EncryptedTable
 from ._statements import RunnerStatements
 from ._tracking import TRACK, ensure_tracking_tables
-from .plan import Cell, Operation, SecretsReport, plan_cells
+from .plan import Cell, Failure, Operation, SecretsReport, plan_cells
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -269,8 +270,7 @@ class Runner:
                 outcomes = await self._write(conn, rows, cells)
                 # Counted only once the page is written: a page retried after a
                 # lost connection is not counted twice.
-                for cell in outcomes:
-                    self._count(rows, cell)
+                self._count(rows, outcomes)
                 self.last_key, self.started_keyset = rows[-1][0], True
                 self.done += len(rows)
                 self.report.rows += len(rows)
@@ -318,8 +318,7 @@ class Runner:
         outcome: a cell replanned is returned once, as it ended.
         """
         assert self.sql is not None
-        width = len(self.table.secrets)
-        stored = {(r, c): row[c + 1] for r, row in enumerate(rows) for c in range(width)}
+        stored = _Stored(rows)  # values as read, or as read again after a conflict
         final: list[Cell] = []
         pending: dict[tuple[int, int], Cell] = {}
         for cell in cells:
@@ -384,12 +383,24 @@ class Runner:
             if row[c + 1] and (index[row[0]], c) in pending
         ]
 
-    def _count(self, rows: list[asyncpg.Record], cell: Cell) -> None:
-        column = self.table.secrets[cell.column]
-        key = rows[cell.row][0]
-        self.report.count(column, cell, key)
-        if cell.outcome != "failed" or self.report.failed > LOGGED_FAILURES:
-            return
+    def _count(self, rows: list[asyncpg.Record], cells: list[Cell]) -> None:
+        """Add a written page's final outcomes to the report, in bulk; log the first failures."""
+        report, secrets = self.report, self.table.secrets
+        tally = Counter((cell.column, cell.outcome, cell.key_id) for cell in cells)
+        for (column, outcome, key_id), count in tally.items():
+            counts = report.column(secrets[column])
+            setattr(counts, outcome, getattr(counts, outcome) + count)
+            if key_id is not None:
+                counts.keys[key_id] += count
+        for cell in cells:
+            if cell.outcome == "failed":
+                assert cell.reason is not None
+                key = rows[cell.row][0]
+                report.failures.append(Failure(str(key), secrets[cell.column], cell.reason))
+                if report.failed <= LOGGED_FAILURES:
+                    self._log_failure(secrets[cell.column], key, cell)
+
+    def _log_failure(self, column: str, key: Any, cell: Cell) -> None:
         who = _who(self.table, key)
         if cell.reason == "undecryptable":
             logger.error("Failed to decrypt %s for %s", self.table.label(column), who)
@@ -403,6 +414,18 @@ class Runner:
                 "%s of %s decrypts to a Fernet token, which every later step would take "
                 "for one: left encrypted", self.table.label(column), who,
             )  # fmt: skip
+
+
+class _Stored(dict[tuple[int, int], str]):
+    """The stored value of each (row, column) of a page: as read, unless read again."""
+
+    def __init__(self, rows: list[asyncpg.Record]) -> None:
+        super().__init__()
+        self._rows = rows
+
+    def __missing__(self, place: tuple[int, int]) -> str:
+        value: str = self._rows[place[0]][place[1] + 1]
+        return value
 
 
 def _who(table: EncryptedTable, key: Any) -> str:
