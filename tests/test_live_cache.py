@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -89,9 +90,10 @@ class Writer:
         assert line == b"ok\n", f"the writer failed on {op}"
 
 
-@pytest.fixture
-async def writer(database_url: str, key: str) -> AsyncIterator[Writer]:
-    env = {**os.environ, "ENCRYPTION_KEY": key, "TS_DATABASE_URL": database_url}
+@asynccontextmanager
+async def writer_process(url: str, key: str) -> AsyncIterator[Writer]:
+    """Start a writer process on the database at `url`; stop it on the way out."""
+    env = {**os.environ, "ENCRYPTION_KEY": key, "TS_DATABASE_URL": url}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -106,6 +108,12 @@ async def writer(database_url: str, key: str) -> AsyncIterator[Writer]:
         assert proc.stdin is not None
         proc.stdin.close()
         await asyncio.wait_for(proc.wait(), 30)
+
+
+@pytest.fixture
+async def writer(database_url: str, key: str) -> AsyncIterator[Writer]:
+    async with writer_process(database_url, key) as process:
+        yield process
 
 
 @pytest.fixture
