@@ -52,6 +52,19 @@ LoadMany = Callable[[list[str]], Awaitable[list[Entry]]]
 AuditReads = Callable[[Sequence[Entry]], Awaitable[None]]
 
 
+class _Flight:
+    """A read of one tenant under way, which other callers of `get` wait for."""
+
+    __slots__ = ("answered", "done", "entry", "epoch", "stale")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.done = asyncio.Event()
+        self.answered = False  # the read returned (else it raised or was cancelled)
+        self.stale = False  # an invalidation of its tenant came while it ran
+        self.entry: Entry | None = None
+
+
 class LiveCache:
     """An in-process LRU of tenants, invalidated by PostgreSQL notifications.
 
@@ -111,6 +124,7 @@ class LiveCache:
         self._seq = 0
         self._inflight: dict[str, int] = {}
         self._touched: dict[str, int] = {}
+        self._flights: dict[str, _Flight] = {}
         self._live = asyncio.Event()
         self._metrics = Metrics()
         self._audit: AuditReads | None = None
@@ -202,14 +216,39 @@ class LiveCache:
             await self._audit((entry,))
             return entry
         self._metrics.cache("live", 0, 1)
+        while self._serving:
+            flight = self._flights.get(tenant_id)
+            if flight is None:
+                return await self._lead(tenant_id, load)
+            # One read per tenant at a time: the others wait for its answer (a hot
+            # tenant just invalidated would otherwise send every caller to the database).
+            await flight.done.wait()
+            if flight.answered and not flight.stale and flight.epoch == self._epoch:
+                entry = flight.entry
+            else:  # it failed, or an invalidation overtook it: a newer read may have answered
+                entry = entries.get(tenant_id) if self._serving else None
+                if entry is None:
+                    continue  # read again, or join the newer read
+            if entry is not None:
+                assert self._audit is not None  # attached by the repository
+                await self._audit((entry,))
+            return entry
+        self._metrics.live["bypassed"] += 1
+        return await load(tenant_id)
+
+    async def _lead(self, tenant_id: str, load: LoadOne) -> Entry | None:
+        flight = self._flights[tenant_id] = _Flight(self._epoch)
         epoch, seq = self._epoch, self._seq
         self._begin((tenant_id,))
         try:
             entry = await load(tenant_id)
+            flight.entry, flight.answered = entry, True
             self._store(tenant_id, entry, epoch, seq)
             return entry
         finally:
             self._end((tenant_id,))
+            del self._flights[tenant_id]
+            flight.done.set()
 
     async def get_many(self, tenant_ids: Sequence[str], load: LoadMany) -> list[Entry]:
         """The entries of the known tenants among `tenant_ids` (distinct): as `get`, one load."""
@@ -292,11 +331,15 @@ class LiveCache:
         self._seq += 1
         seq, entries, inflight, touched = self._seq, self._entries, self._inflight, self._touched
         dropped = 0
+        flights = self._flights
         for tenant_id in tenant_ids:
             if entries.pop(tenant_id, None) is not None:
                 dropped += 1
             if tenant_id in inflight:
                 touched[tenant_id] = seq
+                flight = flights.get(tenant_id)
+                if flight is not None:
+                    flight.stale = True
         return dropped
 
     def notified(self, payload: str) -> None:

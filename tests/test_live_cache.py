@@ -401,7 +401,10 @@ async def test_a_read_under_way_when_its_tenant_changes_keeps_nothing_stale(
 async def test_two_reads_that_disagree_keep_neither(
     reader: TenantRepository, keyring: KeyRing
 ) -> None:
-    """One read saw the old row, one the new; the notification between them is not here yet."""
+    """One read saw the old row, one the new; the notification between them is not here yet.
+
+    (`get_tenants` and `get_tenant` read separately; `get_tenant` calls share one read.)
+    """
     await reader.create_tenant("t", "T", gemini_api_key="db")
     await until_live(reader)
     cache = cache_of(reader)
@@ -412,16 +415,19 @@ async def test_two_reads_that_disagree_keep_neither(
     cache.invalidate(["t"])
     gates = [asyncio.Event(), asyncio.Event()]
 
-    def load(tenant: Tenant, gate: asyncio.Event) -> Callable[[str], Awaitable[Any]]:
-        async def run(tenant_id: str) -> tuple[Tenant, tuple[str | None, ...]]:
-            await gate.wait()
-            return tenant, (keyring.primary_key_id, None, None, None)
+    key_ids = (keyring.primary_key_id, None, None, None)
 
-        return run
+    async def load_new(tenant_ids: list[str]) -> list[tuple[Tenant, tuple[str | None, ...]]]:
+        await gates[0].wait()
+        return [(new, key_ids)]
+
+    async def load_old(tenant_id: str) -> tuple[Tenant, tuple[str | None, ...]]:
+        await gates[1].wait()
+        return old, key_ids
 
     reads = [
-        asyncio.create_task(cache.get("t", load(new, gates[0]))),
-        asyncio.create_task(cache.get("t", load(old, gates[1]))),
+        asyncio.create_task(cache.get_many(["t"], load_new)),
+        asyncio.create_task(cache.get("t", load_old)),
     ]
     await asyncio.sleep(0)
     gates[0].set()
@@ -431,6 +437,66 @@ async def test_two_reads_that_disagree_keep_neither(
     await reads[1]
     assert len(cache) == 0  # ...until another read disagrees: neither stays
     assert gemini(await reader.get_tenant("t")) == "db"
+
+
+async def test_concurrent_misses_of_one_tenant_share_one_read_and_each_is_audited(
+    reader: TenantRepository, keyring: KeyRing, caplog: pytest.LogCaptureFixture
+) -> None:
+    await reader.create_tenant("hot", "H", gemini_api_key="k")
+    await until_live(reader)
+    cache = cache_of(reader)
+    release = asyncio.Event()
+    loads: list[str] = []
+
+    async def load(tenant_id: str) -> tuple[Tenant, tuple[str | None, ...]] | None:
+        loads.append(tenant_id)
+        await release.wait()
+        tenant = await TenantRepository(reader._db, keyring).get_tenant(tenant_id)
+        assert tenant is not None
+        return tenant, (keyring.primary_key_id, None, None, None)
+
+    caplog.set_level(logging.INFO, logger="tenantstore.audit")
+    calls = [asyncio.create_task(cache.get("hot", load)) for _ in range(5)]
+    await asyncio.sleep(0)
+    release.set()
+    entries = await asyncio.gather(*calls)
+    assert loads == ["hot"]
+    assert all(entry is entries[0] for entry in entries)
+    joined = [r for r in caplog.records if r.name == "tenantstore.audit"]
+    assert len(joined) == 5  # one read event per call: the first from its load, the rest here
+    assert gemini(await reader.get_tenant("hot")) == "k"
+
+
+async def test_callers_waiting_on_a_read_that_an_invalidation_overtook_read_again(
+    reader: TenantRepository, keyring: KeyRing
+) -> None:
+    await reader.create_tenant("hot", "H", gemini_api_key="k")
+    await until_live(reader)
+    cache = cache_of(reader)
+    release = asyncio.Event()
+    loads: list[str] = []
+    key_ids = (keyring.primary_key_id, None, None, None)
+    fresh = await reader.get_tenant("hot")
+    assert fresh is not None
+    stale = Tenant.model_validate({**fresh.model_dump(), "gemini_api_key": "stale"})
+    cache.invalidate(["hot"])
+
+    async def load(tenant_id: str) -> tuple[Tenant, tuple[str | None, ...]]:
+        loads.append(tenant_id)
+        if len(loads) == 1:
+            await release.wait()
+            return stale, key_ids  # read before the change the invalidation announces
+        return fresh, key_ids
+
+    first = asyncio.create_task(cache.get("hot", load))
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(cache.get("hot", load)) for _ in range(3)]
+    await asyncio.sleep(0)
+    cache.invalidate(["hot"])
+    release.set()
+    assert gemini((await first)[0]) == "stale"  # type: ignore[index]
+    assert [gemini(entry[0]) for entry in await asyncio.gather(*waiting)] == ["k"] * 3  # type: ignore[index]
+    assert loads == ["hot", "hot"]  # one more read, shared by the three
 
 
 # -- what the listener refuses, and closing ------------------------------------------------
