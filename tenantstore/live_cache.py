@@ -17,13 +17,17 @@ before it serves after reconnecting. So a cached tenant is at most as old as
 the delivery of the notification of its last change.
 
 A read that was under way when an invalidation arrived never stores what it
-read (a generation check): it may have read the row before the change. A
-write through the same repository drops its tenant at once, so a process
-reads its own writes without waiting for the notification.
+read (a generation check): it may have read the row before the change. Two
+reads of one tenant that disagree keep neither (a change is on its way).
+Concurrent `get` misses of one tenant share one read, so a hot tenant that
+was just invalidated costs one query, not one per caller. A write through
+the same repository drops its tenant at once, so a process reads its own
+writes without waiting for the notification.
 
 Entries are the frozen `(Tenant, key ids)` pairs of `TenantDecoder.entries`:
 a hit costs a dict lookup, and is audited (every read of a secret is) and
-counted like any other read.
+counted like any other read. A cache belongs to one repository and one
+event loop.
 """
 
 from __future__ import annotations

@@ -137,6 +137,19 @@ async def test_ids_that_do_not_fit_and_truncate_send_one_flush(
     assert await notes.settle() == ["*"]
 
 
+async def test_one_id_too_long_for_a_payload_sends_a_flush(
+    pool: asyncpg.Pool, notes: Notifications
+) -> None:
+    """1400 control characters: 1.4 kB stored, 8.4 kB once JSON-escaped."""
+    huge = "\x01" * 1400
+    await pool.execute("INSERT INTO tenants (tenant_id, name) VALUES ($1, 'n')", huge)
+    assert await notes.settle() == ["*"]
+    await pool.execute(
+        "INSERT INTO tenants (tenant_id, name) VALUES ($1, 'n'), ('b', 'n')", huge + "2"
+    )
+    assert await notes.settle() == ["*"]
+
+
 async def test_ids_are_json_escaped_whatever_they_hold(
     pool: asyncpg.Pool, notes: Notifications
 ) -> None:

@@ -33,6 +33,12 @@ BEGIN
     END IF;
     IF cardinality(ids) = 0 THEN
         RETURN NULL;  -- a statement that matched no row changed nothing
+    ELSIF cardinality(ids) = 1 THEN
+        -- The common case, a single-row write: no sizing and chunking (half the cost).
+        payload := json_build_array(ids[1])::text;
+        PERFORM pg_notify('tenantstore_tenants',
+                          CASE WHEN octet_length(payload) < 8000 THEN payload ELSE '*' END);
+        RETURN NULL;
     END IF;
     -- Each id counts as json_agg writes it: quoted, escaped, and ", ".
     -- Consecutive ids go in chunks of about 6000 bytes, so a chunk holds
