@@ -9,19 +9,36 @@ variants side by side:
   c  `TenantRepository.get_tenant`, cold (`cache_size=0`) and warm (default cache, primed)
   d  SQLAlchemy 2 async ORM + sqlalchemy-utils `StringEncryptedType(FernetEngine)`: a peer
   e  `fetchrow` + the row's secrets decrypted inline on the loop: a reference
+  f  `get_tenant` with a `LiveCache` (served from memory, kept fresh by NOTIFY)
 
 Each variant gets a fresh pool, `--clients` coroutines drawing the same seeded
 tenant ids, an untimed warm-up, then `--requests` timed ones, while a monitor
 task records the worst event-loop lag. Rounds interleave the variants, so
 drift hits each alike; the tables give medians, the ratios every round.
+`--zipf S` draws the ids from a Zipf distribution (rank r with weight
+1/r^S, ranks shuffled over the tenants) instead of uniformly, for every
+variant alike.
+
+f's clients yield to the loop once per request (outside the timed call), as
+a server does between requests: a cache hit never waits, so otherwise one
+client would serve every request and no notification would be handled.
+Besides its rate and latency, f reports its hit ratio, then, under the same
+load, the commit-to-visible delay: a writer process updates the hottest
+tenants (`--live-writes`, one every `--live-interval` s) and timestamps each
+commit; the clients record when they first read each new value. Last, the
+memory one cached tenant costs (tracemalloc, the repository's other caches
+off, so the live cache alone holds the tenants).
 
     uv run python benchmarks/get_tenant.py --repeat 3
+    uv run python benchmarks/get_tenant.py --zipf 1.1 --sets 4 --only a --only f
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import itertools
 import json
 import os
 import random
@@ -29,7 +46,8 @@ import statistics
 import string
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -38,7 +56,7 @@ from urllib.parse import urlsplit
 
 import anyio.to_thread
 import asyncpg
-from _common import scratch_database, server_url, with_database, worst_lag
+from _common import run_child, scratch_database, server_url, with_database, worst_lag
 from cryptography.fernet import Fernet
 from sqlalchemy import DateTime, Text, Unicode, func, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
@@ -46,8 +64,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy_utils import StringEncryptedType
 from sqlalchemy_utils.types.encrypted.encrypted_type import FernetEngine
 
-from tenantstore import KeyRing, TenantRepository
+from tenantstore import KeyRing, LiveCache, TenantRepository
 from tenantstore.encryption import generate_encryption_key
+from tenantstore.live_cache import CHANNEL
 from tenantstore.migrate import upgrade
 from tenantstore.models import TENANTS, Tenant
 
@@ -58,6 +77,7 @@ FILL = (
     f"INSERT INTO tenants (tenant_id, name, {', '.join(TENANTS.secrets)}) "
     "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])"
 )
+SET_GEMINI = "UPDATE tenants SET gemini_api_key = $2 WHERE tenant_id = $1"
 VERIFY_SAMPLE = 100
 # (ratio name, numerator, denominator, target): numerator / denominator >= target.
 TARGETS = [
@@ -66,8 +86,13 @@ TARGETS = [
     ("warm c/a", "c warm", "a", 0.9),
     ("cold c/d", "c cold", "d", 3.5),
     ("warm c/d", "c warm", "d", 3.5),
+    ("live f/a", "f", "a", 10.0),
 ]
 SETS = {"1": "one secret", "4": "four secrets"}
+# The scratch key and URL reach the live-cache writer child here, not on argv.
+KEY_ENV, URL_ENV = "TENANTSTORE_BENCH_KEY", "TENANTSTORE_BENCH_URL"
+IDS_ENV = "TENANTSTORE_BENCH_IDS"
+LIVE_HOT = 20  # the writer updates the hottest tenants, in turn
 
 
 @dataclass
@@ -83,6 +108,10 @@ class Bench:
     warmup_ids: list[str]
     measured_ids: list[str]
     sample_ids: list[str]
+    ranked_ids: list[str]  # hottest first (with --zipf; otherwise in no particular order)
+    live_writes: int = 200
+    live_interval: float = 0.01
+    live_max_tenants: int = 10_000
 
 
 @dataclass
@@ -92,6 +121,7 @@ class Subject:
     fetch: Callable[[str], Awaitable[Any]]
     reveal: Callable[[Any], tuple[str | None, ...]]
     stats: Any = None  # the repository's CoalescerStats, for c
+    repo: TenantRepository | None = None  # f: its live cache's figures
 
 
 @dataclass
@@ -105,6 +135,15 @@ class Result:
     cpu_us: float  # this process's CPU time per request
     decrypt_requests: int = 0
     decrypt_batches: int = 0
+    # f only: hits over lookups in the timed run, commit-to-visible delays, memory
+    hit_ratio: float | None = None
+    visible_p50_ms: float | None = None
+    visible_p99_ms: float | None = None
+    notified_p50_ms: float | None = None
+    notified_p99_ms: float | None = None
+    visible_writes: int = 0
+    visible_missed: int = 0
+    bytes_per_tenant: float | None = None
 
 
 @dataclass
@@ -221,6 +260,18 @@ async def variant_d(bench: Bench) -> AsyncIterator[Subject]:
         await engine.dispose()
 
 
+@asynccontextmanager
+async def variant_f(bench: Bench) -> AsyncIterator[Subject]:
+    async with _pool(bench.url, bench.pool_size) as pool:
+        cache = LiveCache(listen_dsn=bench.url, max_tenants=bench.live_max_tenants)
+        async with TenantRepository(pool, KeyRing(bench.key), live_cache=cache) as repo:
+            await asyncio.wait_for(cache.wait_live(), 30)
+            # As for c warm: one untimed pass over every tenant of the set fills the
+            # cache (as far as max_tenants lets it), as a running service's would be.
+            await _drive(repo.get_tenant, list(bench.secrets), bench.clients)
+            yield Subject(repo.get_tenant, _revealed, repo.crypto.coalescer.stats, repo)
+
+
 # name -> (table label, setup yielding a Subject)
 VARIANTS: dict[str, tuple[str, Callable[[Bench], Any]]] = {
     "a": ("a  asyncpg fetchrow (limit)", variant_a),
@@ -229,6 +280,7 @@ VARIANTS: dict[str, tuple[str, Callable[[Bench], Any]]] = {
     "c warm": ("c  get_tenant warm", _repository_variant(warm=True)),
     "d": ("d  SQLAlchemy ORM + utils", variant_d),
     "e": ("e  fetchrow + inline decrypt", _fetchrow_variant(hop=False)),
+    "f": ("f  get_tenant live cache", variant_f),
 }
 
 
@@ -236,9 +288,17 @@ VARIANTS: dict[str, tuple[str, Callable[[Bench], Any]]] = {
 
 
 async def _drive(
-    fetch: Callable[[str], Awaitable[Any]], ids: list[str], clients: int
+    fetch: Callable[[str], Awaitable[Any]],
+    ids: Iterable[str],
+    clients: int,
+    *,
+    pause: bool = False,
+    stop: asyncio.Event | None = None,
 ) -> list[float]:
-    """Run `ids` through `clients` coroutines sharing one iterator; return latencies (s)."""
+    """Run `ids` through `clients` coroutines sharing one iterator; return latencies (s).
+
+    `pause`: yield to the loop after each request (untimed). `stop`: end early once set.
+    """
     pending = iter(ids)
     latencies: list[float] = []
 
@@ -247,6 +307,10 @@ async def _drive(
             start = time.perf_counter()
             await fetch(tenant_id)
             latencies.append(time.perf_counter() - start)
+            if pause:
+                await asyncio.sleep(0)
+            if stop is not None and stop.is_set():
+                return
 
     async with asyncio.TaskGroup() as group:
         for _ in range(clients):
@@ -261,21 +325,37 @@ async def _verify(name: str, subject: Subject, bench: Bench) -> None:
             raise RuntimeError(f"variant {name} read wrong secrets for {tenant_id}")
 
 
+def _lookups(repo: TenantRepository | None) -> tuple[int, int]:
+    if repo is None:
+        return 0, 0
+    metrics = repo.crypto.metrics
+    return metrics.count("cache.hits", ("live",)), metrics.count("cache.misses", ("live",))
+
+
 async def measure(name: str, bench: Bench) -> Result:
     """Set up a variant, verify it, warm it up, then time `measured_ids` through it."""
     async with VARIANTS[name][1](bench) as subject:
+        pause = subject.repo is not None
         await _verify(name, subject, bench)
-        await _drive(subject.fetch, bench.warmup_ids, bench.clients)
+        await _drive(subject.fetch, bench.warmup_ids, bench.clients, pause=pause)
         before = (subject.stats.requests, subject.stats.batches) if subject.stats else (0, 0)
+        looked = _lookups(subject.repo)
         stop = asyncio.Event()
         monitor = asyncio.create_task(worst_lag(stop))
         await asyncio.sleep(0.01)  # let the monitor take its first step
         cpu, wall = time.process_time(), time.perf_counter()
-        latencies = await _drive(subject.fetch, bench.measured_ids, bench.clients)
+        latencies = await _drive(subject.fetch, bench.measured_ids, bench.clients, pause=pause)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         stop.set()
         lag = await monitor
         after = (subject.stats.requests, subject.stats.batches) if subject.stats else (0, 0)
+        live: dict[str, Any] = {}
+        if subject.repo is not None:
+            hits, misses = (n - m for n, m in zip(_lookups(subject.repo), looked, strict=True))
+            live["hit_ratio"] = hits / max(1, hits + misses)
+            live.update(await freshness(subject.repo, bench))
+    if subject.repo is not None:
+        live["bytes_per_tenant"] = await memory_per_tenant(bench)
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
     return Result(
         rps=len(latencies) / wall,
@@ -285,7 +365,107 @@ async def measure(name: str, bench: Bench) -> Result:
         cpu_us=cpu / len(latencies) * 1e6,
         decrypt_requests=after[0] - before[0],
         decrypt_batches=after[1] - before[1],
+        **live,
     )
+
+
+# -- f: freshness under load, memory --------------------------------------------------
+
+
+async def freshness(repo: TenantRepository, bench: Bench) -> dict[str, Any]:
+    """Commit-to-visible delays of a writer process's updates, with the clients reading on."""
+    seen: dict[str, float] = {}
+
+    async def fetch(tenant_id: str) -> None:
+        tenant = await repo.get_tenant(tenant_id)
+        key = None if tenant is None else tenant.gemini_api_key
+        if key is not None:
+            value = key.get_secret_value()
+            if value.startswith("live-") and value not in seen:
+                seen[value] = time.monotonic()  # system-wide clock: the writer's too
+
+    hot = bench.ranked_ids[:LIVE_HOT]
+    # A LISTEN connection of the benchmark's own, on the same loop: the writer's
+    # statements commit one at a time, so the i-th notification is the i-th write's.
+    arrivals: list[float] = []
+    listen = await asyncpg.connect(bench.url)
+    await listen.add_listener(CHANNEL, lambda *_: arrivals.append(time.monotonic()))
+    argv = [__file__, "--live-writer", "--live-writes", str(bench.live_writes),
+            "--live-interval", str(bench.live_interval)]  # fmt: skip
+    env = {KEY_ENV: bench.key, URL_ENV: bench.url, IDS_ENV: json.dumps(hot)}
+    writer = asyncio.create_task(run_child(argv, env))
+    done = asyncio.Event()
+    writer.add_done_callback(lambda _: done.set())
+    await _drive(fetch, itertools.cycle(bench.measured_ids), bench.clients, pause=True, stop=done)
+    commits: list[tuple[str, float]] = (await writer)["commits"]
+    await listen.close()
+    # Put the written tenants back as they were, for the variants still to run.
+    fernet = Fernet(bench.key)
+    conn = await asyncpg.connect(bench.url)
+    try:
+        await conn.executemany(
+            SET_GEMINI,
+            [(t, fernet.encrypt(str(bench.secrets[t][0]).encode()).decode()) for t in hot],
+        )
+    finally:
+        await conn.close()
+    delays = [(seen[value] - at) * 1e3 for value, at in commits if value in seen]
+    notified = [(t - at) * 1e3 for t, (_, at) in zip(arrivals, commits, strict=False)]
+    cuts = _cuts(delays)
+    notify_cuts = _cuts(notified)
+    return {
+        "visible_p50_ms": cuts[49] if cuts else None,
+        "visible_p99_ms": cuts[98] if cuts else None,
+        "notified_p50_ms": notify_cuts[49] if notify_cuts else None,
+        "notified_p99_ms": notify_cuts[98] if notify_cuts else None,
+        "visible_writes": len(commits),
+        "visible_missed": len(commits) - len(delays),
+    }
+
+
+def _cuts(values: list[float]) -> list[float] | None:
+    return statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else None
+
+
+async def live_writer(args: argparse.Namespace) -> dict[str, Any]:
+    """The writer child: update the hottest tenants in turn, timestamping each commit."""
+    fernet = Fernet(os.environ[KEY_ENV])
+    hot: list[str] = json.loads(os.environ[IDS_ENV])
+    conn = await asyncpg.connect(os.environ[URL_ENV])
+    commits = []
+    try:
+        await asyncio.sleep(0.2)  # the readers are under way
+        for k in range(args.live_writes):
+            value = f"live-{k}"
+            token = fernet.encrypt(value.encode()).decode()
+            await conn.execute(SET_GEMINI, hot[k % len(hot)], token)
+            commits.append((value, time.monotonic()))  # acknowledged, so committed
+            await asyncio.sleep(args.live_interval)
+    finally:
+        await conn.close()
+    return {"commits": commits}
+
+
+async def memory_per_tenant(bench: Bench) -> float:
+    """Bytes one cached tenant costs: every tenant loaded, the repository's other caches off."""
+    ids = list(bench.secrets)
+    async with _pool(bench.url, 2) as pool:
+        cache = LiveCache(listen_dsn=bench.url, max_tenants=len(ids))
+        keyring = KeyRing(bench.key)
+        async with TenantRepository(pool, keyring, cache_size=0, live_cache=cache) as repo:
+            await asyncio.wait_for(cache.wait_live(), 30)
+            await repo.get_tenants(ids[:100])  # first-call allocations: statements, codecs
+            cache.flush()
+            gc.collect()
+            tracemalloc.start()
+            try:
+                for start in range(0, len(ids), 1000):
+                    await repo.get_tenants(ids[start : start + 1000])
+                gc.collect()
+                held = tracemalloc.get_traced_memory()[0]
+            finally:
+                tracemalloc.stop()
+            return held / len(cache)
 
 
 # -- the database -----------------------------------------------------------------
@@ -339,6 +519,18 @@ async def fill(url: str, sa_url: str, key: str, secrets: dict[str, tuple[str | N
 # -- the run and its report ---------------------------------------------------------
 
 
+def draw(
+    rng: random.Random, ids: list[str], zipf: float | None
+) -> tuple[list[str], Callable[[int], list[str]]]:
+    """(ids hottest first, a function drawing k ids): uniform, or Zipf with exponent `zipf`."""
+    if zipf is None:
+        return list(ids), lambda k: rng.choices(ids, k=k)
+    ranked = list(ids)
+    rng.shuffle(ranked)
+    weights = list(itertools.accumulate(1 / rank**zipf for rank in range(1, len(ranked) + 1)))
+    return ranked, lambda k: rng.choices(ranked, cum_weights=weights, k=k)
+
+
 async def run(args: argparse.Namespace, server: str) -> dict[str, dict[str, Summary]]:
     rng = random.Random(args.seed)
     sets = {width: make_secrets(rng, args.tenants, width) for width in args.sets}
@@ -346,20 +538,24 @@ async def run(args: argparse.Namespace, server: str) -> dict[str, dict[str, Summ
     async with scratch_database(server) as url:
         sa_url = with_database(url, urlsplit(url).path[1:], scheme="postgresql+asyncpg")
         await fill(url, sa_url, key, {t: s for one in sets.values() for t, s in one.items()})
-        benches = {
-            width: Bench(
+        benches = {}
+        for width, secrets in sets.items():
+            ranked, choose = draw(rng, list(secrets), args.zipf)
+            benches[width] = Bench(
                 url=url,
                 sa_url=sa_url,
                 key=key,
                 pool_size=args.pool_size,
                 clients=args.clients,
                 secrets=secrets,
-                warmup_ids=rng.choices(list(secrets), k=args.warmup),
-                measured_ids=rng.choices(list(secrets), k=args.requests),
+                warmup_ids=choose(args.warmup),
+                measured_ids=choose(args.requests),
                 sample_ids=rng.sample(list(secrets), k=min(VERIFY_SAMPLE, len(secrets))),
+                ranked_ids=ranked,
+                live_writes=args.live_writes,
+                live_interval=args.live_interval,
+                live_max_tenants=args.live_max_tenants or len(secrets),
             )
-            for width, secrets in sets.items()
-        }
         summaries = {width: {name: Summary() for name in args.variants} for width in sets}
         for round_ in range(args.repeat):
             for width, bench in benches.items():
@@ -400,7 +596,8 @@ def format_text(results: dict[str, dict[str, Summary]], args: argparse.Namespace
     lines = [
         f"get_tenant: {args.tenants} tenants a set, {args.clients} clients, pool "
         f"{args.pool_size}, {args.requests} requests (+{args.warmup} warm-up), median of "
-        f"{args.repeat}, {os.cpu_count()} CPUs"
+        f"{args.repeat}, {os.cpu_count()} CPUs, ids "
+        + ("uniform" if args.zipf is None else f"Zipf s={args.zipf}")
     ]
     for width, summaries in results.items():
         lines += [
@@ -435,7 +632,49 @@ def format_text(results: dict[str, dict[str, Summary]], args: argparse.Namespace
                     f"coalescer, {name}: {requests} decrypt requests in {batches} batches"
                     f" -> {per_hop} requests per hop"
                 )
+        if "f" in summaries:
+            lines += live_lines(summaries["f"], width)
     return "\n".join(lines)
+
+
+def live_figures(summary: Summary) -> dict[str, float | int | None]:
+    """f's own figures, median over rounds (None where a round had none)."""
+
+    def median(name: str) -> float | None:
+        values = [v for r in summary.runs if (v := getattr(r, name)) is not None]
+        return statistics.median(values) if values else None
+
+    return {
+        "hit_ratio": median("hit_ratio"),
+        "visible_p50_ms": median("visible_p50_ms"),
+        "visible_p99_ms": median("visible_p99_ms"),
+        "notified_p50_ms": median("notified_p50_ms"),
+        "notified_p99_ms": median("notified_p99_ms"),
+        "visible_writes": sum(r.visible_writes for r in summary.runs),
+        "visible_missed": sum(r.visible_missed for r in summary.runs),
+        "bytes_per_tenant": median("bytes_per_tenant"),
+    }
+
+
+def live_lines(summary: Summary, width: str) -> list[str]:
+    f = live_figures(summary)
+    p50, p99 = summary.median("p50_ms") * 1e3, summary.median("p99_ms") * 1e3
+
+    def ms(value: float | int | None) -> str:
+        return "-" if value is None else f"{value:.2f} ms"
+
+    hit = "-" if f["hit_ratio"] is None else f"{f['hit_ratio']:.1%}"
+    size = "-" if f["bytes_per_tenant"] is None else f"{f['bytes_per_tenant']:,.0f} bytes"
+    return [
+        f"f live: p50 {p50:.1f} us, p99 {p99:.1f} us per call (the table rounds to 0.01 ms)",
+        f"f live: hit ratio {hit} (timed run); under the same load, over"
+        f" {f['visible_writes']} writes ({f['visible_missed']} never seen):",
+        f"  commit-to-visible (first read of the new value) p50 {ms(f['visible_p50_ms'])},"
+        f" p99 {ms(f['visible_p99_ms'])}",
+        f"  commit-to-notified (its notification reaches this process) p50"
+        f" {ms(f['notified_p50_ms'])}, p99 {ms(f['notified_p99_ms'])}",
+        f"f live: {size} per cached tenant ({SETS[width]}, the live cache alone)",
+    ]
 
 
 def format_json(results: dict[str, dict[str, Summary]], args: argparse.Namespace) -> str:
@@ -457,6 +696,7 @@ def format_json(results: dict[str, dict[str, Summary]], args: argparse.Namespace
                     for label, v, rounds, t in ratios(summaries)
                 },
                 "overhead_us": {n: overhead_us(summaries, n) for n in ("c warm", "c cold")},
+                "live": live_figures(summaries["f"]) if "f" in summaries else None,
             }
             for width, summaries in results.items()
         },
@@ -480,20 +720,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only", action="append", choices=list(VARIANTS), help="run only these variants"
     )
+    parser.add_argument(
+        "--zipf", type=float, metavar="S", help="draw ids from Zipf(S) over the tenants (S > 0)"
+    )
+    parser.add_argument("--live-writes", type=int, default=200, help="f: writes timed for delay")
+    parser.add_argument("--live-interval", type=float, default=0.01, help="f: seconds between")
+    parser.add_argument(
+        "--live-max-tenants", type=int, help="f: the cache's max_tenants (default: --tenants)"
+    )
+    parser.add_argument("--live-writer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--output-format", choices=["text", "json"], default="text")
     args = parser.parse_args(argv)
+    if args.live_writer:
+        return args
     for name in ("tenants", "clients", "pool_size", "requests", "repeat"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} is expected to be at least 1")
     args.sets = [s.strip() for s in args.sets.split(",")]
     if not set(args.sets) <= set(SETS):
         parser.error("--sets takes 1, 4 or 1,4")
+    if args.zipf is not None and args.zipf <= 0:
+        parser.error("--zipf is expected to be greater than 0")
+    if args.live_writes < 2 or args.live_interval < 0:
+        parser.error("--live-writes is expected to be at least 2, --live-interval at least 0")
     args.variants = args.only or list(VARIANTS)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.live_writer:  # f's writer child: its report is its last line
+        print(json.dumps(asyncio.run(live_writer(args))))
+        return 0
     results = asyncio.run(run(args, server_url(args.database_url)))
     print(
         format_json(results, args) if args.output_format == "json" else format_text(results, args)

@@ -32,6 +32,7 @@ from .errors import (
     TenantStoreError,
     UnknownSecretError,
 )
+from .live_cache import LiveCache
 from .models import Tenant
 from .repository import TenantRepository
 from .tables import EncryptedTable
@@ -54,6 +55,7 @@ __all__ = [
     "InvalidEncryptionKeyError",
     "InvalidTenantIdError",
     "KeyRing",
+    "LiveCache",
     "MigrationChecksumError",
     "MigrationError",
     "PlaintextSecretError",

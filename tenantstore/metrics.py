@@ -90,6 +90,7 @@ class Metrics:
         "_runner",
         "flush_interval",
         "last_check",
+        "live_events",
         "totals",
     )
 
@@ -104,6 +105,8 @@ class Metrics:
         meter = provider.get_meter("tenantstore", _version())
         self.flush_interval = flush_interval
         self.last_check: bool | None = None
+        self.live_events: Counter[str] = Counter()
+        """Every live-cache event so far (for tests and health checks)."""
         self._clock = clock
         self._flushed_at = clock()
         self._pending: dict[str, Counter[tuple[str, ...]]] = {
@@ -266,4 +269,6 @@ class Metrics:
 
     def live(self, event: str, count: int = 1) -> None:
         """A live-cache event: invalidations, flushes, bypassed, reconnects."""
-        self._live[event].add(count)
+        if count:
+            self.live_events[event] += count
+            self._live[event].add(count)

@@ -33,6 +33,7 @@ from .encryption import KeyRing
 from .errors import EncryptionError, TenantExistsError, TenantNotFoundError, database_error
 from .keys.check import KeyCheckReport, check_keys
 from .keys.store import KeyUseRecorder
+from .live_cache import Entry, LiveCache
 from .models import Tenant
 
 __all__ = ["MAX_TENANT_ID_LENGTH", "TenantRepository", "validate_tenant_id"]
@@ -57,6 +58,9 @@ class TenantRepository:
             `tenantstore.audit` logger). With an `AsyncCrypto`, its own.
         meter_provider: with a `KeyRing`, where metrics go (default: the
             global OpenTelemetry provider). With an `AsyncCrypto`, its own.
+        live_cache: a `LiveCache` to answer `get_tenant` / `get_tenants` from
+            memory, kept fresh by PostgreSQL notifications; started by
+            `async with` on the repository (or its own `start()`), closed with it.
 
     Close it (`await repo.aclose()`, or `async with`) so a buffering audit
     sink writes what it holds; the pool stays the caller's to close.
@@ -71,6 +75,7 @@ class TenantRepository:
         cache_size: int | None = None,
         audit: AuditLog | None = None,
         meter_provider: MeterProvider | None = None,
+        live_cache: LiveCache | None = None,
     ) -> None:
         if isinstance(crypto, KeyRing):
             crypto = AsyncCrypto(
@@ -92,19 +97,28 @@ class TenantRepository:
         # tenantstore_keys learns which key encrypts, at most once per key per interval.
         self._key_use = KeyUseRecorder(pool)
         self._set_sql: dict[tuple[str, ...], str] = {}
+        self._live = live_cache
+        if live_cache is not None:
+            live_cache.attach(crypto.metrics, self._decoder.audit_reads)
 
     def __repr__(self) -> str:
         return f"<TenantRepository {self._crypto!r}>"
 
     async def __aenter__(self) -> TenantRepository:
+        if self._live is not None:
+            await self._live.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Flush and close the audit sinks. The pool is not closed (it is the caller's)."""
-        await self._crypto.aclose()
+        """Stop the live cache, flush and close the audit sinks. The pool stays the caller's."""
+        try:
+            if self._live is not None:
+                await self._live.aclose()
+        finally:
+            await self._crypto.aclose()
 
     async def check_keys(self, *, sample: int = 20) -> KeyCheckReport:
         """Check the key ring against the database, for start-up and readiness probes.
@@ -142,6 +156,13 @@ class TenantRepository:
             DatabaseError: the query failed (the message holds no value from a row).
         """
         validate_tenant_id(tenant_id)
+        if self._live is None:
+            entry = await self._load_one(tenant_id)
+        else:
+            entry = await self._live.get(tenant_id, self._load_one)
+        return None if entry is None else entry[0]
+
+    async def _load_one(self, tenant_id: str) -> Entry | None:
         # Announce the decryption this call will probably need, so a batch about
         # to go can wait for it under load (see Coalescer).
         ticket = self._crypto.announce()
@@ -152,7 +173,7 @@ class TenantRepository:
                 raise database_error(exc, "get_tenant", tenant_id=tenant_id) from None
             if row is None:
                 return None
-            return (await self._decoder.tenants([row], ticket))[0]
+            return (await self._decoder.entries([row], ticket))[0]
         finally:
             ticket.close()
 
@@ -164,11 +185,18 @@ class TenantRepository:
         ids = list(dict.fromkeys(validate_tenant_id(t) for t in tenant_ids))
         if not ids:
             return {}
+        if self._live is None:
+            entries = await self._load_many(ids)
+        else:
+            entries = await self._live.get_many(ids, self._load_many)
+        return {tenant.tenant_id: tenant for tenant, _ in entries}
+
+    async def _load_many(self, ids: list[str]) -> list[Entry]:
         try:
             rows = await self._db.fetch(SQL["get_tenants"], ids)
         except _DRIVER_ERRORS as exc:
             raise database_error(exc, "get_tenants") from None
-        return {tenant.tenant_id: tenant for tenant in await self._decoder.tenants(rows)}
+        return await self._decoder.entries(rows)
 
     async def iter_tenants(self, batch_size: int = 1000) -> AsyncIterator[Tenant]:
         """Yield every tenant in `tenant_id` order, a keyset page at a time.
@@ -222,6 +250,8 @@ class TenantRepository:
         except _DRIVER_ERRORS as exc:
             await self._audit_write(tenant_id, secrets, "failed")
             raise database_error(exc, "create_tenant", tenant_id=tenant_id) from None
+        finally:
+            self._changed(tenant_id)
         assert row is not None
         await self._audit_write(tenant_id, secrets, "ok")
         await self._recorded(tokens)
@@ -253,6 +283,8 @@ class TenantRepository:
         except _DRIVER_ERRORS as exc:
             await self._audit_write(tenant_id, values, "failed")
             raise database_error(exc, "set_secrets", tenant_id=tenant_id) from None
+        finally:
+            self._changed(tenant_id)
         if status == "UPDATE 0":
             await self._audit_write(tenant_id, values, "not_found")
             raise TenantNotFoundError(tenant_id)
@@ -274,7 +306,14 @@ class TenantRepository:
             status = await self._db.execute(SQL["delete_tenant"], tenant_id)
         except _DRIVER_ERRORS as exc:
             raise database_error(exc, "delete_tenant", tenant_id=tenant_id) from None
+        finally:
+            self._changed(tenant_id)
         return bool(status != "DELETE 0")
+
+    def _changed(self, tenant_id: str) -> None:
+        """After a write (whatever its outcome): this process reads its own writes at once."""
+        if self._live is not None:
+            self._live.invalidate((tenant_id,))
 
     # -- encryption and audit ---------------------------------------------------
 

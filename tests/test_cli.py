@@ -256,7 +256,7 @@ async def test_status_json_is_versioned_with_per_column_counts(
     result = await asyncio.to_thread(run_cli, ["status", "--json"], database_url, env, tmp_path)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["schema"] == 1 and data["version"] == len(load_migrations())
+    assert data["schema"] == 1 and data["version"] == load_migrations()[-1].version
     columns = data["counts"]["columns"]
     assert set(columns) == {
         "gemini_api_key", "oauth_access_token", "oauth_refresh_token", "webhook_signing_secret"

@@ -17,7 +17,8 @@ A, B, C = "aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc"
 
 @pytest.fixture
 async def migrated(pool: asyncpg.Pool, keyring: KeyRing) -> asyncpg.Pool:
-    await upgrade(pool, keyring)
+    """The schema up to 0005 (the keys table), so one step down reverts it."""
+    await upgrade(pool, keyring, target=5)
     return pool
 
 
@@ -53,7 +54,7 @@ async def test_down_drops_a_table_of_use_records_but_refuses_wrapped_keys_unless
     await record_key_use(migrated, A, primary=True)
     await downgrade(migrated, keyring)
     assert await migrated.fetchval("SELECT to_regclass('tenantstore_keys')") is None
-    await upgrade(migrated, keyring)
+    await upgrade(migrated, keyring, target=5)
     await migrated.execute(
         "INSERT INTO tenantstore_keys (key_id, wrapped_key, wrapped_by, wrapped_at) "
         "VALUES ($1, '\\x0102', 'pkcs11:token=t;key=k', now())",

@@ -585,8 +585,8 @@ async def test_upgrade_without_a_key_ring_reads_the_environment(
 
     monkeypatch.setenv("ENCRYPTION_KEY", key)
     report = await upgrade(pool)
-    everything = list(range(1, len(load_migrations()) + 1))
-    assert report.version == len(everything) and report.combined_data() is not None
+    everything = [m.version for m in load_migrations()]
+    assert report.version == everything[-1] and report.combined_data() is not None
     assert await pool.fetchval(applied) == everything
     assert KeyRing(key).decrypt(await pool.fetchval("SELECT gemini_api_key FROM tenants")) == PLAIN
 

@@ -28,13 +28,11 @@ async def tables(pool: asyncpg.Pool) -> set[str]:
     return {r[0] for r in rows}
 
 
-ALL = [
-    "0001_create_tenants",
-    "0002_encrypt_gemini_api_keys",
-    "0003_add_secret_columns",
-    "0004_encrypt_secret_columns",
-    "0005_create_keys_table",
-]
+ALL = [m.label for m in load_migrations()]
+SHIPPED = [m.version for m in load_migrations()]
+LATEST = SHIPPED[-1]
+# A version no shipped migration takes, for extra ones.
+EXTRA = "0099"
 
 
 async def versions(pool: asyncpg.Pool) -> list[int]:
@@ -46,13 +44,13 @@ async def test_up_applies_everything_and_status_reports_it(
 ) -> None:
     report = await upgrade(pool, keyring)
     assert report.applied == ALL
-    assert report.version == len(ALL)
+    assert report.version == LATEST
     assert {"tenants", "tenantstore_migrations"} <= await tables(pool)
     status = await migration_status(pool)
-    assert status.version == len(ALL) and status.pending == [] and status.changed == []
+    assert status.version == LATEST and status.pending == [] and status.changed == []
     again = await upgrade(pool, keyring)
-    assert (
-        again.applied == [] and again.summary() == f"Nothing to do: schema is at version {len(ALL)}"
+    assert again.applied == [] and again.summary() == (
+        f"Nothing to do: schema is at version {LATEST}"
     )
 
 
@@ -119,15 +117,15 @@ async def test_failed_migration_leaves_nothing_half_applied(
 ) -> None:
     migrations = _extra(
         {
-            "0099_half.up.sql": "CREATE TABLE half_done (x int);\nSELECT 1 / 0;\n",
-            "0099_half.down.sql": "DROP TABLE half_done;\n",
+            f"{EXTRA}_half.up.sql": "CREATE TABLE half_done (x int);\nSELECT 1 / 0;\n",
+            f"{EXTRA}_half.down.sql": "DROP TABLE half_done;\n",
         }
     )
-    with pytest.raises(MigrationError, match=r"0099_half\.up\.sql failed") as info:
+    with pytest.raises(MigrationError, match=rf"{EXTRA}_half\.up\.sql failed") as info:
         await upgrade(pool, keyring, migrations=migrations)
     assert "DivisionByZeroError (SQLSTATE 22012)" in str(info.value)
     assert "half_done" not in await tables(pool)
-    assert await versions(pool) == list(range(1, len(ALL) + 1))
+    assert await versions(pool) == SHIPPED
 
 
 async def test_no_transaction_migration_can_create_index_concurrently(
@@ -135,9 +133,9 @@ async def test_no_transaction_migration_can_create_index_concurrently(
 ) -> None:
     migrations = _extra(
         {
-            "0099_index.up.sql": "-- tenantstore: no-transaction\n"
+            f"{EXTRA}_index.up.sql": "-- tenantstore: no-transaction\n"
             "CREATE INDEX CONCURRENTLY IF NOT EXISTS tenants_name ON tenants (name);\n",
-            "0099_index.down.sql": "-- tenantstore: no-transaction\n"
+            f"{EXTRA}_index.down.sql": "-- tenantstore: no-transaction\n"
             "DROP INDEX CONCURRENTLY IF EXISTS tenants_name;\n",
         }
     )
@@ -155,7 +153,7 @@ async def test_concurrent_upgrades_in_process_apply_once(
         reports = await asyncio.gather(*(upgrade(p, keyring) for p in pools))  # type: ignore[arg-type]
         applied = sorted(label for r in reports for label in r.applied)
         assert applied == ALL
-        assert await versions(pools[0]) == list(range(1, len(ALL) + 1))  # type: ignore[arg-type]
+        assert await versions(pools[0]) == SHIPPED  # type: ignore[arg-type]
     finally:
         for p in pools:
             await p.close()  # type: ignore[union-attr]
@@ -191,7 +189,7 @@ async def test_lock_held_on_a_dedicated_connection_is_released_after_the_run(
     lock = await asyncpg.connect(database_url)
     try:
         report = await upgrade(pool, keyring, connection=lock)
-        assert report.version == len(ALL)
+        assert report.version == LATEST
         held = await pool.fetchval(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1",
             lock.get_server_pid(),
@@ -240,7 +238,8 @@ async def test_cli_up_status_down_exit_codes(
     database_url: str, key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env = {"ENCRYPTION_KEY": key}
-    result = await asyncio.to_thread(run_cli, ["up", "--database-url", database_url], env, tmp_path)
+    up = ["up", "--to", "4", "--database-url", database_url]  # 0004's down step is a data step
+    result = await asyncio.to_thread(run_cli, up, env, tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == (
         "Migration complete: 0 keys encrypted, 0 already encrypted"
@@ -249,7 +248,7 @@ async def test_cli_up_status_down_exit_codes(
         run_cli, ["status", "--database-url", database_url], env, tmp_path
     )
     assert status.returncode == 0, status.stderr
-    assert f"Schema version: {len(ALL)}" in status.stdout
+    assert "Schema version: 4" in status.stdout
     assert "0 undecryptable" in status.stdout
     # Two steps: 0005 (the keys table), then 0004, whose data step decrypts.
     down = await asyncio.to_thread(
@@ -315,7 +314,7 @@ async def test_two_concurrent_cli_runners_apply_each_migration_once(
     assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
     applied = [line for r in results for line in r.stderr.splitlines() if "Applying" in line]
     assert sorted(applied) == [f"INFO Applying {label}" for label in ALL]
-    assert await versions(pool) == list(range(1, len(ALL) + 1))
+    assert await versions(pool) == SHIPPED
 
 
 @pytest.mark.slow
@@ -335,7 +334,7 @@ def test_embedded_default_starts_without_database_url(tmp_path: Path, key: str) 
         assert result.returncode == 0, result.stderr
         assert f"embedded development PostgreSQL in {tmp_path}/.tenantstore/pgdata" in result.stderr
     assert (tmp_path / ".tenantstore" / "pgdata" / "PG_VERSION").exists()
-    assert result.stdout.strip() == f"Nothing to do: schema is at version {len(ALL)}"
+    assert result.stdout.strip() == f"Nothing to do: schema is at version {LATEST}"
 
 
 # -- adopting the seed system's layout and the secret columns ---------------------------

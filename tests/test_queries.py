@@ -26,6 +26,7 @@ SHIPPED_FILES = (
     "catalog.sql",
     "operator.sql",
     "keys.sql",
+    "live_cache.sql",
 )
 
 TWO_QUERIES = """\
