@@ -17,10 +17,17 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 from cryptography.fernet import Fernet
+from pgbouncer_fixture import bouncer_pool, bouncer_url, pgbouncer  # noqa: F401 (fixtures)
 
 from tenantstore import KeyRing
 
-_CLEARED_SETTINGS = ("DATABASE_URL", "ENCRYPTION_KEY", "OLD_ENCRYPTION_KEY")
+_CLEARED_SETTINGS = (
+    "DATABASE_URL",
+    "DATABASE_DIRECT_URL",
+    "TENANTSTORE_PGBOUNCER",
+    "ENCRYPTION_KEY",
+    "OLD_ENCRYPTION_KEY",
+)
 
 
 @pytest.fixture(autouse=True)
