@@ -231,6 +231,10 @@ async def test_cli_up_and_down_through_pgbouncer_without_a_direct_url_exit_2(
             expected = "goes through PgBouncer" if declared else "goes through a pooler"
             assert expected in result.stderr
             assert "Traceback" not in result.stderr
+    # A "direct" URL that goes through PgBouncer too is found out the same way.
+    env = {"DATABASE_URL": bouncer_url, "DATABASE_DIRECT_URL": bouncer_url, "ENCRYPTION_KEY": key}
+    result = await cli(["up"], env, tmp_path)
+    assert result.returncode == 2 and "goes through a pooler" in result.stderr
     assert await pool.fetchval("SELECT to_regclass('tenantstore_migrations')") is None
 
 
