@@ -78,8 +78,9 @@ async def through_pooler(conn: AnyConnection) -> bool:
 
     At login PostgreSQL tells the client its backend's process id (with the
     cancel key). PgBouncer, in every pool mode, answers with an id and key of
-    its own instead, because it has to route cancel requests itself; so do
-    the other poolers. On a direct connection the id equals `pg_backend_pid()`.
+    its own instead, because it has to route cancel requests itself, as do
+    other poolers and proxies (pgcat, Odyssey, RDS Proxy). On a direct
+    connection the id equals `pg_backend_pid()`.
     """
     pid = await conn.fetchval(_Q["backend_pid"].sql)
     return bool(pid != conn.get_server_pid())
