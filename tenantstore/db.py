@@ -6,6 +6,11 @@ PostgreSQL data directory under `./.tenantstore/` run by the `pgserver`
 package, which ships PostgreSQL binaries in its wheel and copes with running
 as root. The embedded server is for development and tests; point
 `DATABASE_URL` at a real server for anything else.
+
+Behind PgBouncer in transaction pooling mode, `DATABASE_URL` points at
+PgBouncer (`create_pool(pgbouncer=True)`, or `TENANTSTORE_PGBOUNCER=1` for the
+CLI) and `DATABASE_DIRECT_URL` at PostgreSQL itself, for what needs a session
+of its own: the schema runner's advisory lock (and LISTEN).
 """
 
 from __future__ import annotations
@@ -34,13 +39,17 @@ from .errors import (
 )
 
 __all__ = [
+    "DATABASE_DIRECT_URL",
+    "DATABASE_URL",
     "DEFAULT_EMBEDDED_DIR",
     "AnyConnection",
     "check_database_url",
+    "connect",
     "create_pool",
     "embedded_database_url",
     "redact_url",
     "resolve_database_url",
+    "resolve_direct_url",
 ]
 
 logger = logging.getLogger("tenantstore")
@@ -49,6 +58,7 @@ AnyConnection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 """A connection of one's own or one acquired from a pool."""
 
 DATABASE_URL = "DATABASE_URL"
+DATABASE_DIRECT_URL = "DATABASE_DIRECT_URL"
 DEFAULT_EMBEDDED_DIR = ".tenantstore"
 
 # Query parameters whose values are shown by `redact_url`: they name places,
@@ -267,10 +277,37 @@ def resolve_database_url(
     Raises:
         ConfigurationError: the URL is malformed (see `check_database_url`).
     """
-    if not database_url:
+    return _resolve_url(DATABASE_URL, database_url, environ, env_file)
+
+
+def resolve_direct_url(
+    direct_url: str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    env_file: str | os.PathLike[str] | None = ".env",
+) -> str | None:
+    """Return the explicit URL, else `DATABASE_DIRECT_URL`, else None (meaning: `DATABASE_URL`).
+
+    It reaches PostgreSQL itself, not a pooler: what needs a session of its
+    own (the schema runner's lock) connects there when `DATABASE_URL` goes
+    through PgBouncer. Read and checked like `DATABASE_URL`.
+
+    Raises:
+        ConfigurationError: the URL is malformed (see `check_database_url`).
+    """
+    return _resolve_url(DATABASE_DIRECT_URL, direct_url, environ, env_file)
+
+
+def _resolve_url(
+    name: str,
+    url: str | None,
+    environ: Mapping[str, str] | None,
+    env_file: str | os.PathLike[str] | None,
+) -> str | None:
+    if not url:
         settings = load_settings(environ, [] if env_file is None else [env_file])
-        database_url = settings.get(DATABASE_URL)
-    return check_database_url(database_url) if database_url else None
+        url = settings.get(name)
+    return check_database_url(url) if url else None
 
 
 def embedded_database_url(directory: str | os.PathLike[str] = DEFAULT_EMBEDDED_DIR) -> str:
@@ -366,6 +403,22 @@ async def create_pool(
         raise _connect_error(failure, url)
     assert pool is not None
     return pool
+
+
+async def connect(url: str, **kwargs: Any) -> asyncpg.Connection:
+    """Open one connection of one's own (a session: the schema lock, LISTEN) to `url`.
+
+    Raises:
+        ConfigurationError: a malformed URL or settings asyncpg rejects.
+        DatabaseError: the server cannot be reached or refuses the connection;
+            the message holds the redacted URL, never the driver's text of it.
+    """
+    check_database_url(url)
+    try:
+        return await asyncpg.connect(url, **kwargs)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+        failure: BaseException = exc
+    raise _connect_error(failure, url)
 
 
 def _connect_error(exc: BaseException, url: str) -> TenantStoreError:

@@ -140,6 +140,11 @@ class TenantRepository:
         return report
 
     @property
+    def live_cache(self) -> LiveCache | None:
+        """The live cache this repository reads through, if any."""
+        return self._live
+
+    @property
     def crypto(self) -> AsyncCrypto:
         """The shared off-loop crypto (worker, cache, key ring)."""
         return self._crypto

@@ -21,6 +21,7 @@ import pytest
 # whole session shares one token (the PKCS#11 module reads its conf only once).
 from _softhsm import kek_a, kek_b, softhsm  # noqa: F401
 from cryptography.fernet import Fernet
+from pgbouncer_fixture import bouncer_pool, bouncer_url, pgbouncer  # noqa: F401 (fixtures)
 
 from tenantstore import KeyRing
 
@@ -39,6 +40,8 @@ _CLEARED_SETTINGS = (
     "TENANTSTORE_PKCS11_PIN",
     "TENANTSTORE_PKCS11_PIN_FILE",
     "TENANTSTORE_PKCS11_KEK",
+    "DATABASE_DIRECT_URL",
+    "TENANTSTORE_PGBOUNCER",
 )
 
 

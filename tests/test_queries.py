@@ -27,6 +27,8 @@ SHIPPED_FILES = (
     "operator.sql",
     "keys.sql",
     "live_cache.sql",
+    "pooling.sql",
+    "health.sql",
 )
 
 TWO_QUERIES = """\

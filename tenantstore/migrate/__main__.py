@@ -1,5 +1,10 @@
 """`python -m tenantstore.migrate`: a thin shell over `tenantstore.migrate`.
 
+Behind PgBouncer in transaction mode, set `TENANTSTORE_PGBOUNCER=1` (or
+`--pgbouncer`) and point `DATABASE_DIRECT_URL` (or `--direct-url`) at
+PostgreSQL itself: `up` and `down` take their lock there, and refuse to run
+without it.
+
 Exit codes: 0 success; 1 a migration or batch run failed (or found
 undecryptable secrets); 2 usage or configuration error (such as a missing
 `ENCRYPTION_KEY` or a table that does not fit its declaration), with
@@ -20,7 +25,14 @@ import anyio.to_thread
 import asyncpg
 
 from ..config import load_settings
-from ..db import create_pool, embedded_database_url, resolve_database_url
+from ..db import (
+    DATABASE_DIRECT_URL,
+    connect,
+    create_pool,
+    embedded_database_url,
+    resolve_database_url,
+    resolve_direct_url,
+)
 from ..encryption import KeyRing
 from ..errors import (
     ConfigurationError,
@@ -33,6 +45,7 @@ from ..errors import (
 from ..keys.envelope import keyring_from_env
 from ..keys.providers import provider_name
 from ..models import TENANTS
+from ..pooling import PGBOUNCER_SETTING, pgbouncer_setting, through_pooler
 from ..tables import EncryptedTable
 from ._format import format_status, report_data
 from ._textfile import write_metrics_file
@@ -72,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
         "--database-url",
         metavar="URL",
         help="PostgreSQL URL (overrides DATABASE_URL; unset: the embedded development server)",
+    )
+    common.add_argument(
+        "--pgbouncer",
+        action="store_true",
+        default=None,
+        help=f"the database URL goes through PgBouncer in transaction mode "
+        f"(default: {PGBOUNCER_SETTING})",
     )
     common.add_argument(
         "--batch-size",
@@ -134,6 +154,13 @@ def _parser() -> argparse.ArgumentParser:
     down.add_argument(
         "--yes", action="store_true", help="allow dropping tables or columns that hold data"
     )
+    for schema_command in (up, down):
+        schema_command.add_argument(
+            "--direct-url",
+            metavar="URL",
+            help=f"PostgreSQL itself, not PgBouncer, for the schema lock (overrides "
+            f"{DATABASE_DIRECT_URL}; unset: the database URL)",
+        )
     commands.add_parser(
         "status",
         parents=[common, target],
@@ -179,14 +206,45 @@ def _table(args: argparse.Namespace) -> EncryptedTable:
     return EncryptedTable(table, key=keys if len(keys) > 1 else keys[0], secrets=columns)
 
 
+def _lock_url(args: argparse.Namespace, pgbouncer: bool) -> str | None:
+    """`up`/`down`'s DATABASE_DIRECT_URL; required, before any I/O, when PgBouncer is declared."""
+    if args.command not in ("up", "down"):
+        return None
+    lock_url = resolve_direct_url(args.direct_url)
+    if pgbouncer and lock_url is None:
+        raise ConfigurationError(
+            f"the database URL goes through PgBouncer ({PGBOUNCER_SETTING}), and "
+            f"`{args.command}` needs a PostgreSQL session of its own for the schema "
+            f"lock: set {DATABASE_DIRECT_URL} (or --direct-url) to a URL that reaches "
+            "PostgreSQL directly"
+        )
+    return lock_url
+
+
+async def _through_pooler(url: str, settings: dict[str, str]) -> bool:
+    """Whether `url` goes through PgBouncer (or another pooler), declared or not."""
+    # No statement cache: a named statement would outlive us on a PgBouncer server.
+    probe = await connect(url, statement_cache_size=0, server_settings=settings)
+    try:
+        return await through_pooler(probe)
+    finally:
+        await probe.close()
+
+
 async def _run(args: argparse.Namespace, keyring: KeyRing | None, *, hsm: bool = False) -> int:
     url = resolve_database_url(args.database_url)
+    declared = pgbouncer_setting(args.pgbouncer)
+    lock_url = _lock_url(args, declared)
     if url is None:
         url = await anyio.to_thread.run_sync(embedded_database_url)
     settings = {"application_name": "tenantstore-migrate"}
+    # Found out undeclared too: through PgBouncer the pool keeps no prepared statements.
+    pgbouncer = declared or await _through_pooler(url, settings)
     # min_size=0: no background reconnect loop, whose tracebacks would read like
     # a crash during an outage the runner reports itself.
-    pool = await create_pool(url, min_size=0, max_size=3, server_settings=settings)
+    pool = await create_pool(
+        url, min_size=0, max_size=3, pgbouncer=pgbouncer, server_settings=settings
+    )
     if hsm:  # envelope mode: the data keys come from tenantstore_keys, unwrapped by the HSM
         try:
             keyring = await keyring_from_env(pool)
@@ -204,7 +262,7 @@ async def _run(args: argparse.Namespace, keyring: KeyRing | None, *, hsm: bool =
     report: MigrationReport | SecretsReport | StatusReport | None = None
     try:
         with redirect_logging(progress):
-            report = await _command(args, keyring, pool, url, options, settings)
+            report = await _command(args, keyring, pool, lock_url or url, options, settings)
     except BaseException as exc:
         outcome = (
             "interrupted"
@@ -281,13 +339,14 @@ async def _command(
     args: argparse.Namespace,
     keyring: KeyRing | None,
     pool: asyncpg.Pool,
-    url: str,
+    lock_url: str,
     options: RunOptions,
     settings: dict[str, str],
 ) -> MigrationReport | SecretsReport | StatusReport:
     if args.command in ("up", "down"):
-        # The schema runner's advisory lock lives on a connection of its own.
-        lock = await asyncpg.connect(url, server_settings=settings)
+        # The schema runner's advisory lock lives on a connection of its own,
+        # to DATABASE_DIRECT_URL when set (the schema steps run there too).
+        lock = await connect(lock_url, statement_cache_size=0, server_settings=settings)
         try:
             if args.command == "up":
                 return await upgrade(pool, keyring, target=args.to, connection=lock, **options)

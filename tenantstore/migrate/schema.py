@@ -10,6 +10,10 @@ INDEX CONCURRENTLY`.) A second runner started meanwhile waits, then finds
 nothing left to do. The pool therefore needs at least two connections when a
 data step runs: one holds the lock, the batch runner uses another.
 
+Behind PgBouncer in transaction mode the lock cannot stay with a client:
+pass `connection=await asyncpg.connect(direct_url)`. A lock connection
+through a pooler is refused (`pooling.SessionRequiredError`), never run unlocked.
+
 Each SQL migration runs in its own transaction together with its tracking
 row, so a failure leaves nothing half-applied.
 """
@@ -39,6 +43,7 @@ from ..errors import (
     printable,
 )
 from ..models import TENANTS
+from ..pooling import require_session
 from ._tracking import TRACK, ensure_tracking_tables
 from .files import Migration, Step, load_migrations
 from .secrets import RunOptions, SecretsReport, decrypt_secrets, encrypt_secrets
@@ -191,8 +196,10 @@ async def _locked(conn: AnyConnection, *, poll: float = 0.5) -> None:
 
     Polled with `pg_try_advisory_lock` rather than one blocking
     `pg_advisory_lock`, which the connection's `command_timeout` would cut
-    short while another runner works through a long data step.
+    short while another runner works through a long data step. Refused on
+    a connection through PgBouncer, where the lock would not stay with us.
     """
+    await require_session(conn, "the schema runner's lock")
     waited = 0.0
     while not await conn.fetchval(TRACK["try_lock"], LOCK_ID):
         if waited == 0.0:
