@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, Protocol
 
-from .errors import printable
+from ..errors import printable
 
 __all__ = [
     "AuditEvent",
