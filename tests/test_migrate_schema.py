@@ -33,6 +33,7 @@ ALL = [
     "0002_encrypt_gemini_api_keys",
     "0003_add_secret_columns",
     "0004_encrypt_secret_columns",
+    "0006_create_audit_table",
 ]
 
 
@@ -45,12 +46,12 @@ async def test_up_applies_everything_and_status_reports_it(
 ) -> None:
     report = await upgrade(pool, keyring)
     assert report.applied == ALL
-    assert report.version == 4
+    assert report.version == 6
     assert {"tenants", "tenantstore_migrations"} <= await tables(pool)
     status = await migration_status(pool)
-    assert status.version == 4 and status.pending == [] and status.changed == []
+    assert status.version == 6 and status.pending == [] and status.changed == []
     again = await upgrade(pool, keyring)
-    assert again.applied == [] and again.summary() == "Nothing to do: schema is at version 4"
+    assert again.applied == [] and again.summary() == "Nothing to do: schema is at version 6"
 
 
 async def test_up_to_a_target_and_down_steps(pool: asyncpg.Pool, keyring: KeyRing) -> None:
@@ -58,7 +59,7 @@ async def test_up_to_a_target_and_down_steps(pool: asyncpg.Pool, keyring: KeyRin
     assert await versions(pool) == [1]
     assert (await migration_status(pool)).pending == ALL[1:]
     await upgrade(pool, keyring)
-    report = await downgrade(pool, keyring, steps=4)
+    report = await downgrade(pool, keyring, steps=len(ALL))
     assert report.applied == ALL[::-1]
     assert await versions(pool) == []
     assert "tenants" not in await tables(pool)
@@ -116,15 +117,15 @@ async def test_failed_migration_leaves_nothing_half_applied(
 ) -> None:
     migrations = _extra(
         {
-            "0005_half.up.sql": "CREATE TABLE half_done (x int);\nSELECT 1 / 0;\n",
-            "0005_half.down.sql": "DROP TABLE half_done;\n",
+            "0090_half.up.sql": "CREATE TABLE half_done (x int);\nSELECT 1 / 0;\n",
+            "0090_half.down.sql": "DROP TABLE half_done;\n",
         }
     )
-    with pytest.raises(MigrationError, match=r"0005_half\.up\.sql failed") as info:
+    with pytest.raises(MigrationError, match=r"0090_half\.up\.sql failed") as info:
         await upgrade(pool, keyring, migrations=migrations)
     assert "DivisionByZeroError (SQLSTATE 22012)" in str(info.value)
     assert "half_done" not in await tables(pool)
-    assert await versions(pool) == [1, 2, 3, 4]
+    assert await versions(pool) == [1, 2, 3, 4, 6]
 
 
 async def test_no_transaction_migration_can_create_index_concurrently(
@@ -132,9 +133,9 @@ async def test_no_transaction_migration_can_create_index_concurrently(
 ) -> None:
     migrations = _extra(
         {
-            "0005_index.up.sql": "-- tenantstore: no-transaction\n"
+            "0090_index.up.sql": "-- tenantstore: no-transaction\n"
             "CREATE INDEX CONCURRENTLY IF NOT EXISTS tenants_name ON tenants (name);\n",
-            "0005_index.down.sql": "-- tenantstore: no-transaction\n"
+            "0090_index.down.sql": "-- tenantstore: no-transaction\n"
             "DROP INDEX CONCURRENTLY IF EXISTS tenants_name;\n",
         }
     )
@@ -152,7 +153,7 @@ async def test_concurrent_upgrades_in_process_apply_once(
         reports = await asyncio.gather(*(upgrade(p, keyring) for p in pools))  # type: ignore[arg-type]
         applied = sorted(label for r in reports for label in r.applied)
         assert applied == ALL
-        assert await versions(pools[0]) == [1, 2, 3, 4]  # type: ignore[arg-type]
+        assert await versions(pools[0]) == [1, 2, 3, 4, 6]  # type: ignore[arg-type]
     finally:
         for p in pools:
             await p.close()  # type: ignore[union-attr]
@@ -188,7 +189,7 @@ async def test_lock_held_on_a_dedicated_connection_is_released_after_the_run(
     lock = await asyncpg.connect(database_url)
     try:
         report = await upgrade(pool, keyring, connection=lock)
-        assert report.version == 4
+        assert report.version == 6
         held = await pool.fetchval(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1",
             lock.get_server_pid(),
@@ -246,9 +247,11 @@ async def test_cli_up_status_down_exit_codes(
         run_cli, ["status", "--database-url", database_url], env, tmp_path
     )
     assert status.returncode == 0, status.stderr
-    assert "Schema version: 4" in status.stdout
+    assert "Schema version: 6" in status.stdout
     assert "0 undecryptable" in status.stdout
-    down = await asyncio.to_thread(run_cli, ["down", "--database-url", database_url], env, tmp_path)
+    down = await asyncio.to_thread(  # 0006 (the audit tables) and 0004 (decrypt)
+        run_cli, ["down", "2", "--database-url", database_url], env, tmp_path
+    )
     assert down.returncode == 0, down.stderr
     assert "PLAINTEXT" in down.stderr
     assert down.stdout.strip().splitlines()[-1] == (
@@ -309,7 +312,7 @@ async def test_two_concurrent_cli_runners_apply_each_migration_once(
     assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
     applied = [line for r in results for line in r.stderr.splitlines() if "Applying" in line]
     assert sorted(applied) == [f"INFO Applying {label}" for label in ALL]
-    assert await versions(pool) == [1, 2, 3, 4]
+    assert await versions(pool) == [1, 2, 3, 4, 6]
 
 
 @pytest.mark.slow
@@ -329,7 +332,7 @@ def test_embedded_default_starts_without_database_url(tmp_path: Path, key: str) 
         assert result.returncode == 0, result.stderr
         assert f"embedded development PostgreSQL in {tmp_path}/.tenantstore/pgdata" in result.stderr
     assert (tmp_path / ".tenantstore" / "pgdata" / "PG_VERSION").exists()
-    assert result.stdout.strip() == "Nothing to do: schema is at version 4"
+    assert result.stdout.strip() == "Nothing to do: schema is at version 6"
 
 
 # -- adopting the seed system's layout and the secret columns ---------------------------
@@ -398,6 +401,7 @@ async def test_down_refuses_to_drop_secret_columns_holding_values_unless_confirm
     await pool.execute(
         "INSERT INTO tenants (tenant_id, name, oauth_refresh_token) VALUES ('a', 'A', 'r')"
     )
+    await downgrade(pool, keyring)  # 0006 down: the audit tables, empty
     await downgrade(pool, keyring)  # 0004 down: decrypt (nothing encrypted yet)
     with pytest.raises(DestructiveMigrationError, match=r"oauth_refresh_token, which holds 1"):
         await downgrade(pool, keyring)

@@ -209,6 +209,7 @@ def test_shipped_migrations_are_numbered_from_0001() -> None:
         "0002_encrypt_gemini_api_keys",
         "0003_add_secret_columns",
         "0004_encrypt_secret_columns",
+        "0006_create_audit_table",
     ]
     assert all(m.down is not None for m in migrations)
 

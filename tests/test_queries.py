@@ -19,7 +19,14 @@ from tenantstore._queries import (
     sql_resource,
 )
 
-SHIPPED_FILES = ("tenants.sql", "secrets.sql", "tracking.sql", "catalog.sql", "operator.sql")
+SHIPPED_FILES = (
+    "tenants.sql",
+    "secrets.sql",
+    "tracking.sql",
+    "catalog.sql",
+    "operator.sql",
+    "audit.sql",
+)
 
 TWO_QUERIES = """\
 -- A file comment before the first name is allowed.
