@@ -46,8 +46,16 @@ __all__ = ["AuditWriterError", "PostgresSink"]
 logger = logging.getLogger("tenantstore")
 
 # Errors worth retrying: the server or the connection failed (a missing table
-# too: logged at each attempt until someone runs `migrate up`).
-_RETRIED = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# too: logged at each attempt until someone runs `migrate up`). asyncpg raises
+# InternalClientError ("another operation is in progress") when the server
+# ends a connection in the middle of a statement.
+_RETRIED = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions._base.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 # A batch the server refuses for its values (a NUL or a lone surrogate in an
 # actor): written again with names escaped, else dropped and counted. The
 # first is PostgreSQL's class 22, the second asyncpg's own encoding failure.
