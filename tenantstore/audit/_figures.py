@@ -1,4 +1,5 @@
-"""The PostgreSQL audit sink's OpenTelemetry instruments, one set per meter provider.
+"""The PostgreSQL audit sink's OpenTelemetry instruments (one set per meter provider),
+and its rate-limited log line for dropped events.
 
 As in `tenantstore.metrics`, the counts are plain attributes that observable
 instruments report when a reader collects. The set is shared by every sink
@@ -15,6 +16,10 @@ with the first instrument, whose callback would never see a second sink.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
 import weakref
 from collections import Counter
 from collections.abc import Iterable
@@ -25,7 +30,9 @@ from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 
 from ..metrics import _version
 
-__all__ = ["Figures", "figures_for"]
+__all__ = ["DropLog", "Figures", "figures_for"]
+
+logger = logging.getLogger("tenantstore")
 
 
 class _Buffered(Protocol):
@@ -81,3 +88,44 @@ def figures_for(provider: MeterProvider | None) -> Figures:
     if figures is None:
         figures = _FIGURES[provider] = Figures(provider)
     return figures
+
+
+class DropLog:
+    """Log lines for dropped events: at once, then at most one per `interval`, none lost.
+
+    Drops within the interval after a line are added up and logged when it
+    ends (a timer on the running loop) or at `close()`, whichever comes first.
+    """
+
+    def __init__(self, who: str, interval: float) -> None:
+        self._who = who
+        self._interval = interval
+        self._unlogged: Counter[str] = Counter()
+        self._next = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, count: int, reason: str) -> None:
+        """`count` events dropped for `reason` (full, closed, ...)."""
+        self._unlogged[reason] += count
+        now = time.monotonic()
+        if now >= self._next:
+            self._log()
+        elif self._timer is None:
+            with contextlib.suppress(RuntimeError):  # no running loop: logged at close
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self._next - now, self._log)
+
+    def close(self) -> None:
+        """Log what is not logged yet, now."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._log()
+
+    def _log(self) -> None:
+        self._timer = None
+        if self._unlogged:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self._unlogged.items()))
+            total = sum(self._unlogged.values())
+            logger.warning("audit: %d events dropped by %s (%s)", total, self._who, reasons)
+            self._unlogged.clear()
+            self._next = time.monotonic() + self._interval

@@ -27,8 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from itertools import islice
 from typing import Literal
@@ -38,7 +37,7 @@ from opentelemetry.metrics import MeterProvider
 
 from ..errors import ConfigurationError, TenantStoreError, describe_driver_error
 from . import AuditEvent
-from ._figures import figures_for
+from ._figures import DropLog, figures_for
 from ._session import Session
 
 __all__ = ["AuditWriterError", "PostgresSink"]
@@ -116,6 +115,7 @@ class PostgresSink:
         self._block = on_full == "block"
         self._close_timeout = close_timeout
         self._issued = self._written = self._dropped = 0  # the session's counts
+        self._done = 0  # events that left the buffer: written, or refused and dropped
         self._writer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()  # for the writer: events to write, or closing
         self._room = asyncio.Event()  # for blocked emitters: events left the buffer
@@ -124,11 +124,9 @@ class PostgresSink:
         self._uncertain = False  # a batch's COMMIT may have happened unacknowledged
         self._closing = self._closed = self._session_closed = False
         self._failure: BaseException | None = None
-        self._unlogged: Counter[str] = Counter()
-        self._next_drop_log = 0.0
-        self._drop_timer: asyncio.TimerHandle | None = None
         self._figures = figures_for(meter_provider)
         self._figures.sinks.add(self)
+        self._drops = DropLog(f"the PostgreSQL sink {self.process}", interval)
 
     def __repr__(self) -> str:
         return f"<PostgresSink {self.process} buffered={len(self._buffer)}>"
@@ -212,31 +210,11 @@ class PostgresSink:
                 return
 
     def _drop(self, count: int, reason: str) -> None:
-        """Count dropped events and log them, at most one line per interval."""
+        """Count dropped events (metric, session) and log them, one line per interval at most."""
         if reason != "closed":
             self._dropped += count  # the session's count (a closed session's is final)
         self._figures.dropped[reason] += count
-        self._unlogged[reason] += count
-        now = time.monotonic()
-        if now >= self._next_drop_log:
-            self._log_drops()
-        elif self._drop_timer is None:
-            with contextlib.suppress(RuntimeError):  # no running loop: logged at close
-                loop = asyncio.get_running_loop()
-                self._drop_timer = loop.call_later(self._next_drop_log - now, self._log_drops)
-
-    def _log_drops(self) -> None:
-        self._drop_timer = None
-        if self._unlogged:
-            reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self._unlogged.items()))
-            logger.warning(
-                "audit: %d events dropped by the PostgreSQL sink %s (%s)",
-                sum(self._unlogged.values()),
-                self.process,
-                reasons,
-            )
-            self._unlogged.clear()
-            self._next_drop_log = time.monotonic() + self._interval
+        self._drops.add(count, reason)
 
     async def flush(self) -> None:
         """Wait until every event accepted so far is written (for tests and checkpoints).
@@ -244,10 +222,10 @@ class PostgresSink:
         Raises:
             AuditWriterError: the writer stopped, or the sink closed, first.
         """
-        target = self._written + len(self._buffer)
+        target = self._done + len(self._buffer)
         self._urgent += 1
         try:
-            while self._written < target:
+            while self._done < target:
                 writer = self._writer
                 if writer is None or writer.done():
                     raise AuditWriterError("the audit writer is not running: events not written")
@@ -375,6 +353,7 @@ class PostgresSink:
         """The oldest `count` events are written (or dropped): take them off the buffer."""
         for _ in range(count):
             self._buffer.popleft()
+        self._done += count
         if written:
             self._written += count
             self._figures.written += count
@@ -429,9 +408,7 @@ class PostgresSink:
                     await self._lost_at_close(wait)
         finally:
             self._closed = True
-            if self._drop_timer is not None:
-                self._drop_timer.cancel()
-            self._log_drops()
+            self._drops.close()
             await self._session.aclose()
 
     async def _lost_at_close(self, waited: float) -> None:
