@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import asyncpg
+import psutil
 from _common import Meter, backend_process, cell, scratch_database, server_url, text_table
 from _common import worst_lag as _worst_lag
 from get_tenant import FILL, _drive, make_secrets
@@ -67,8 +69,14 @@ class Reads:
     p50_ms: float
     p99_ms: float
     lag_ms: float
-    cpu_us: float
+    cpu_us: float  # this process's CPU per request
+    server_us: float | None  # the CPU of the database's backends per request
     events: int = 0
+
+    @property
+    def total_us(self) -> float | None:
+        """Client and server CPU per request: what bounds req/s on a CPU-bound machine."""
+        return None if self.server_us is None else self.cpu_us + self.server_us
 
 
 # -- throughput -----------------------------------------------------------------
@@ -132,6 +140,25 @@ async def throughput(url: str, args: argparse.Namespace) -> Throughput:
 # -- get_tenant with and without the sink -----------------------------------------
 
 
+async def _backends(pool: asyncpg.Pool) -> list[psutil.Process]:
+    """The backends of the pool's connections (all open: min_size is the pool's size)."""
+    rows = await pool.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND backend_type = 'client backend'"
+    )
+    found = [backend_process(row[0]) for row in rows]
+    return [p for p in found if p is not None]
+
+
+def _cpu(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def _disabled() -> AuditLog:
     quiet = logging.getLogger("tenantstore.audit.bench-off")
     quiet.setLevel(logging.WARNING)
@@ -154,6 +181,8 @@ async def reads(
         await sink.flush()
     measured = rng.choices(ids, k=args.requests)
     written = sink.counts["written"] if sink is not None else 0
+    backends = await _backends(pool)
+    server = _cpu(backends)
     stop = asyncio.Event()
     monitor = asyncio.create_task(_worst_lag(stop))
     await asyncio.sleep(0.01)
@@ -162,6 +191,7 @@ async def reads(
     if sink is not None:
         await sink.flush()  # the window ends when its events are in the table
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    server = _cpu(backends) - server
     stop.set()
     lag = await monitor
     events = sink.counts["written"] - written if sink is not None else 0
@@ -174,6 +204,7 @@ async def reads(
         p99_ms=cuts[98] * 1e3,
         lag_ms=lag * 1e3,
         cpu_us=cpu / len(latencies) * 1e6,
+        server_us=server / len(latencies) * 1e6 if backends else None,
         events=events,
     )
 
@@ -243,9 +274,21 @@ def _reads_rows(results: dict[str, Any]) -> list[list[str]]:
         rows.append(
             [name, f"{_median(runs, 'rps'):,.0f}"]
             + [f"{_median(runs, f):.2f}" for f in ("p50_ms", "p99_ms", "lag_ms")]
-            + [f"{_median(runs, 'cpu_us'):.0f}", f"{_median(runs, 'events'):,.0f}"]
+            + [f"{_median(runs, 'cpu_us'):.0f}", cell(_median_of(runs, "server_us"), ".0f")]
+            + [cell(_median_of(runs, "total_us"), ".0f"), f"{_median(runs, 'events'):,.0f}"]
         )
     return rows
+
+
+def _median_of(runs: list[Any], name: str) -> float | None:
+    values = [v for run in runs if (v := getattr(run, name)) is not None]
+    return statistics.median(values) if values else None
+
+
+def cpu_ratio(results: dict[str, Any]) -> float | None:
+    """off/pg total CPU per request: the req/s ratio to expect when CPU is what runs out."""
+    off, pg = _median_of(results["off"], "total_us"), _median_of(results["pg"], "total_us")
+    return None if off is None or pg is None else off / pg
 
 
 def format_text(results: dict[str, Any], args: argparse.Namespace) -> str:
@@ -263,7 +306,8 @@ def format_text(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"median {best:,.0f} events/s  target >= {THROUGHPUT_TARGET:,.0f} {verdict}",
         ]
     if results["off"]:
-        header = ["variant", "req/s", "p50 ms", "p99 ms", "worst lag ms", "cpu us/req", "events"]
+        header = ["variant", "req/s", "p50 ms", "p99 ms", "worst lag ms", "client us/req"]
+        header += ["server us/req", "total us/req", "events"]
         each = ratios(results)
         verdict = "ok" if min(each) >= RATIO_TARGET else "MISS"
         lines += [
@@ -274,6 +318,9 @@ def format_text(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"pg/off {statistics.median(each):.2f}  (rounds: "
             f"{', '.join(f'{r:.2f}' for r in each)})  target >= {RATIO_TARGET} {verdict}",
         ]
+        expected = cpu_ratio(results)
+        if expected is not None:
+            lines.append(f"CPU per request off/pg {expected:.2f} (the ratio when CPU-bound)")
     return "\n".join(lines)
 
 
@@ -299,6 +346,7 @@ def format_json(results: dict[str, Any], args: argparse.Namespace) -> str:
             "rounds": each,
             "target": RATIO_TARGET,
             "ok": min(each) >= RATIO_TARGET,
+            "cpu": cpu_ratio(results),
         }
     return json.dumps(report, indent=2)
 
