@@ -348,10 +348,10 @@ async def test_aclose_that_cannot_write_in_time_logs_and_records_the_loss(
 async def test_a_sink_made_from_a_url_writes_through_a_pool_of_its_own(
     audited: asyncpg.Pool, database_url: str
 ) -> None:
-    sink = PostgresSink(database_url)
-    await sink.emit(events(3))
-    await sink.aclose()
+    async with PostgresSink(database_url) as sink:
+        await sink.emit(events(3))
     assert len(await rows(audited, sink.process)) == 3
+    assert (await session(audited, sink.process))["closed_at"] is not None
 
 
 def test_bad_settings_are_configuration_errors_before_any_io() -> None:

@@ -70,9 +70,10 @@ class AuditWriterError(TenantStoreError):
 class PostgresSink:
     """An `AuditSink` writing to `tenantstore_audit` in batches (COPY) from a background task.
 
-    Use it on one event loop; close it (`await sink.aclose()`, which
-    `AuditLog.aclose()` and the repository's `aclose()` do) so it writes what
-    it holds and marks its session closed.
+    Use it on one event loop; close it (`await sink.aclose()`, `async with`,
+    or through `AuditLog.aclose()` and the repository's `aclose()`) so it
+    writes what it holds and marks its session closed, and do so before
+    closing the pool it writes through.
 
     Args:
         pool_or_dsn: an asyncpg pool (a connection is taken per batch), or a
@@ -130,6 +131,12 @@ class PostgresSink:
 
     def __repr__(self) -> str:
         return f"<PostgresSink {self.process} buffered={len(self._buffer)}>"
+
+    async def __aenter__(self) -> PostgresSink:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     @property
     def process(self) -> str:
