@@ -174,7 +174,11 @@ async def test_down_step_removes_the_triggers_and_function(
 ) -> None:
     await downgrade(pool, keyring)
     assert (
-        await pool.fetchval("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tenantstore%'") == 0
+        await pool.fetchval(
+            "SELECT count(*) FROM pg_trigger "
+            "WHERE tgrelid = 'tenants'::regclass AND tgname LIKE 'tenantstore%'"
+        )
+        == 0
     )
     assert await pool.fetchval("SELECT to_regproc('tenantstore_notify_tenant_changes')") is None
     await pool.execute("INSERT INTO tenants (tenant_id, name) VALUES ('quiet', 'Q')")

@@ -250,9 +250,8 @@ async def test_cli_up_status_down_exit_codes(
     assert status.returncode == 0, status.stderr
     assert "Schema version: 4" in status.stdout
     assert "0 undecryptable" in status.stdout
-    # Two steps: 0005 (the keys table), then 0004, whose data step decrypts.
-    down = await asyncio.to_thread(
-        run_cli, ["down", "2", "--database-url", database_url], env, tmp_path
+    down = await asyncio.to_thread(  # 0004, whose data step decrypts
+        run_cli, ["down", "--database-url", database_url], env, tmp_path
     )
     assert down.returncode == 0, down.stderr
     assert "PLAINTEXT" in down.stderr

@@ -210,8 +210,9 @@ def test_shipped_migrations_are_numbered_from_0001() -> None:
         "0003_add_secret_columns",
         "0004_encrypt_secret_columns",
         "0005_create_keys_table",
+        "0006_create_audit_table",
         "0007_notify_tenant_changes",
-    ]  # 0006 is the audit table's
+    ]
     assert all(m.down is not None for m in migrations)
 
 

@@ -29,6 +29,7 @@ SHIPPED_FILES = (
     "live_cache.sql",
     "pooling.sql",
     "health.sql",
+    "audit.sql",
 )
 
 TWO_QUERIES = """\

@@ -12,9 +12,14 @@ The actor comes from a context variable the application sets per request::
 Sinks: `LoggingSink` (the default: one structured record per event on the
 `tenantstore.audit` logger at INFO, which shows nothing until the
 application gives that logger a handler, and costs a level check until
-then) and `PostgresSink` (`tenantstore.audit_pg`, opted into: batched COPY
-into `tenantstore_audit` by a background task). Objects that emit events
-take an `AuditLog` (or build the default one) and close it in `aclose()`.
+then) and `PostgresSink` (`tenantstore.audit.pg`, opted into: batched COPY
+into `tenantstore_audit` by a background task, with a bounded buffer that
+blocks or drops-and-counts when full, and a session row per sink so that no
+loss is silent). Objects that emit events take an `AuditLog` (or build the
+default one) and close it in `aclose()`.
+
+Operators read the table with `python -m tenantstore.audit tail|query|sessions`
+(and prune it with `prune --before`); see `tenantstore.audit.__main__`.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, Protocol
 
-from .errors import printable
+from ..errors import printable
 
 __all__ = [
     "AuditEvent",
