@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -18,7 +19,7 @@ import asyncpg
 from ._cache import RowMemo
 from ._offload import Ticket
 from ._queries import identifier, join, load_queries, placeholder, render
-from .audit import AuditEvent
+from .audit import AuditEvent, current_actor
 from .crypto import AsyncCrypto
 from .encryption import stored_token
 from .errors import (
@@ -173,9 +174,10 @@ class TenantDecoder:
         """Emit a `read` event for every secret the tenants carry (from a cache or not)."""
         audit = self._crypto.audit
         if audit.enabled:
+            actor, at = current_actor(), datetime.now(UTC)  # once for the whole read
             await audit.emit(
                 [
-                    AuditEvent("read", TABLE, column, tenant.tenant_id, key_id, "ok")
+                    AuditEvent("read", TABLE, column, tenant.tenant_id, key_id, "ok", 1, actor, at)
                     for tenant, key_ids in entries
                     for column, key_id in zip(SECRETS, key_ids, strict=True)
                     if getattr(tenant, column) is not None
