@@ -32,6 +32,9 @@ class _LRU(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._data)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
     def _get(self, key: K) -> V | None:
         value = self._data.get(key)
         if value is not None:

@@ -153,6 +153,20 @@ class TenantDecoder:
         """
         return [tenant for tenant, _ in await self.entries(rows, ticket)]
 
+    def knows(self, tenant_id: str) -> bool:
+        """Whether a tenant with this id is remembered (its next read will likely hit)."""
+        return tenant_id in self._memo
+
+    def remembered(self, row: Any) -> tuple[Tenant, KeyIds] | None:
+        """The entry built from a row equal to `row`, if remembered (the warm path: no await).
+
+        A hit is counted; the caller audits it (`audit_reads`) when auditing is on.
+        """
+        entry = self._memo.get(row[0], row)
+        if entry is not None:
+            self._crypto.metrics.cache("tenants", 1, 0)
+        return entry
+
     async def entries(
         self, rows: Sequence[Any], ticket: Ticket | None = None
     ) -> list[tuple[Tenant, KeyIds]]:

@@ -217,7 +217,10 @@ class AuditLog:
     @property
     def enabled(self) -> bool:
         """Whether any sink wants events now (so callers can skip building them)."""
-        return any(sink.enabled for sink in self._sinks)
+        for sink in self._sinks:  # a loop, not any(): asked on every audited read
+            if sink.enabled:
+                return True
+        return False
 
     async def emit(self, events: Sequence[AuditEvent]) -> None:
         """Hand events to every sink that wants them (a sink may apply back-pressure)."""
