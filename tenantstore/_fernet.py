@@ -149,16 +149,21 @@ def _raw(token: str) -> bytes | None:
 
 
 def decrypt_tokens(
-    keys: Sequence[FernetKey], tokens: Sequence[str]
+    keys: Sequence[FernetKey], tokens: Sequence[str], order: Sequence[int] | None = None
 ) -> list[tuple[str, int] | None]:
-    """Decrypt each token with the first key whose HMAC matches.
+    """Decrypt each token with the key whose HMAC matches.
+
+    Keys are tried in `order` (indexes into `keys`; default: as given): a
+    token only one key authenticates, so the order changes no result, only
+    how many HMACs a token costs (one per key tried).
 
     Returns, per token, `(plaintext, key index)`, or None when the token is
     malformed, no key authenticates it, or it does not hold valid UTF-8.
     """
     results: list[tuple[str, int] | None] = [None] * len(tokens)
     raws = [_raw(token) for token in tokens]
-    for key_index, key in enumerate(keys):
+    for key_index in range(len(keys)) if order is None else order:
+        key = keys[key_index]
         chosen: list[int] = []
         for index, raw in enumerate(raws):
             if raw is not None and hmac.compare_digest(key.mac(raw[:-32]), raw[-32:]):
@@ -204,7 +209,7 @@ def pyca_encrypt_values(
 
 
 def pyca_decrypt_tokens(
-    keys: Sequence[FernetKey], tokens: Sequence[str]
+    keys: Sequence[FernetKey], tokens: Sequence[str], order: Sequence[int] | None = None
 ) -> list[tuple[str, int] | None]:
     """`decrypt_tokens` through pyca's `Fernet`: each key in order, as `MultiFernet` does.
 
@@ -214,9 +219,9 @@ def pyca_decrypt_tokens(
     results: list[tuple[str, int] | None] = []
     for token in tokens:
         result: tuple[str, int] | None = None
-        for key_index, key in enumerate(keys):
+        for key_index in range(len(keys)) if order is None else order:
             try:
-                data = key.pyca.decrypt(token)
+                data = keys[key_index].pyca.decrypt(token)
             except (InvalidToken, TypeError, ValueError):  # ValueError: non-ASCII str
                 continue
             try:

@@ -168,7 +168,7 @@ class KeyRing:
         ConfigurationError: `fernet` is neither `"batch"` nor `"pyca"`.
     """
 
-    __slots__ = ("_keys", "fernet")
+    __slots__ = ("_hits", "_keys", "_order", "fernet")
 
     def __init__(
         self, primary: str, previous: Iterable[str] = (), *, fernet: FernetImplementation = "batch"
@@ -191,6 +191,8 @@ class KeyRing:
             )
         self._keys = keys
         self.fernet: FernetImplementation = fernet
+        self._hits = [0] * len(keys)  # tokens each key decrypted, recently (halved now and then)
+        self._order = list(range(len(keys)))
 
     # The implementation is looked up per call, not bound once: every Fernet
     # operation goes through these module functions (tests spy on them).
@@ -204,9 +206,22 @@ class KeyRing:
     def _decrypt(
         self, keys: Sequence[FernetKey], tokens: Sequence[str]
     ) -> list[tuple[str, int] | None]:
+        # Keys are tried most-used first: when most tokens are under an old key
+        # (a rotation not yet run), they cost one HMAC each, not one per newer key.
+        order = self._order
         if self.fernet == "pyca":
-            return pyca_decrypt_tokens(keys, tokens)
-        return decrypt_tokens(keys, tokens)
+            results = pyca_decrypt_tokens(keys, tokens, order)
+        else:
+            results = decrypt_tokens(keys, tokens, order)
+        if len(keys) > 1:
+            hits = self._hits
+            for result in results:
+                if result is not None:
+                    hits[result[1]] += 1
+            if max(hits) > 100_000:  # recent use counts: after a rotation the primary catches up
+                self._hits = hits = [count // 2 for count in hits]
+            self._order = sorted(range(len(keys)), key=hits.__getitem__, reverse=True)
+        return results
 
     @classmethod
     def _named(

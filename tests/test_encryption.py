@@ -772,3 +772,31 @@ def test_generate_encryption_key_gives_44_urlsafe_chars_usable_by_keyring() -> N
 
 def test_generate_encryption_key_gives_a_new_key_each_time() -> None:
     assert generate_encryption_key() != generate_encryption_key()
+
+
+def test_keys_are_tried_most_used_first_without_changing_results() -> None:
+    """With most tokens under an old key, that key is tried first: one HMAC, not four."""
+    from tenantstore._fernet import FernetKey
+
+    keys = [generate_encryption_key() for _ in range(4)]
+    ring = KeyRing(keys[0], keys[1:])
+    tokens = [KeyRing(keys[3]).encrypt(f"v{i}") for i in range(30)] + [ring.encrypt("new")]
+    macs = 0
+    original = FernetKey.mac
+
+    def counting(self: FernetKey, data: bytes) -> bytes:
+        nonlocal macs
+        macs += 1
+        return original(self, data)
+
+    FernetKey.mac = counting  # type: ignore[method-assign]
+    try:
+        first = ring.decrypt_batch_with_key_index(tokens)
+        cold = macs
+        macs = 0
+        second = ring.decrypt_batch_with_key_index(tokens)
+    finally:
+        FernetKey.mac = original  # type: ignore[method-assign]
+    assert first == second == [(f"v{i}", 3) for i in range(30)] + [("new", 0)]
+    assert cold == 31 + 30 * 3  # in the given order: every token against keys 0, 1, 2, 3
+    assert macs == 31 + 1  # most-used first: key 3 takes its 30, key 0 the last one
