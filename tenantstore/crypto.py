@@ -25,7 +25,7 @@ from opentelemetry.metrics import MeterProvider
 from ._cache import DecryptedCache
 from ._offload import Coalescer, Ticket
 from .audit import AuditEvent, AuditLog
-from .encryption import KeyRing, stored_token
+from .encryption import KeyRing, check_plaintext, stored_token
 from .errors import DecryptionError, EncryptionError, PlaintextSecretError
 from .metrics import Metrics
 
@@ -35,7 +35,9 @@ _DECRYPT = 0
 _ENCRYPT = 1
 
 _Job = tuple[int, str]
-_Result = tuple[str, int] | None  # (plaintext or token, key index), or None: undecryptable
+# (plaintext or token, key index); a str: why a token does not decrypt (`wrong_key`,
+# `corrupt`); None: a value that could not be encrypted.
+_Result = tuple[str, int] | str | None
 
 
 class AsyncCrypto:
@@ -115,17 +117,30 @@ class AsyncCrypto:
         results: list[_Result] = [None] * len(jobs)
         decrypts = [i for i, (kind, _) in enumerate(jobs) if kind == _DECRYPT]
         if decrypts:
-            found = self._keyring.decrypt_batch_with_key_index([jobs[i][1] for i in decrypts])
+            keyring = self._keyring
+            found = keyring.decrypt_batch_with_key_index([jobs[i][1] for i in decrypts])
             for i, result in zip(decrypts, found, strict=True):
-                results[i] = result
+                # The reason costs an HMAC per key: here in the worker, not on the loop.
+                results[i] = keyring.failure_reason(jobs[i][1]) if result is None else result
         encrypts = [i for i, (kind, _) in enumerate(jobs) if kind == _ENCRYPT]
         if encrypts:
             plaintexts = [jobs[i][1] for i in encrypts]
-            tokens = self._keyring.encrypt_batch(plaintexts)
+            try:
+                tokens = self._keyring.encrypt_batch(plaintexts)
+            except Exception:  # callers check first; still, one value must not fail the batch
+                for i, plaintext in zip(encrypts, plaintexts, strict=True):
+                    results[i] = self._encrypt_one(plaintext)
+                return results
             for i, token, plaintext in zip(encrypts, tokens, plaintexts, strict=True):
                 # encrypt_batch passes "" through; a stored "" must be a token too.
-                results[i] = (token or self._keyring.encrypt(plaintext), 0)
+                results[i] = (token, 0) if token else self._encrypt_one(plaintext)
         return results
+
+    def _encrypt_one(self, plaintext: str) -> _Result:
+        try:
+            return (self._keyring.encrypt(plaintext), 0)
+        except Exception:  # None: this one could not be encrypted (the caller raises)
+            return None
 
     # -- for the repository --------------------------------------------------
 
@@ -150,8 +165,8 @@ class AsyncCrypto:
         cache, metrics, key_ids = self._cache, self.metrics, self._keyring.key_ids
         out: list[tuple[str, str] | None] = []
         for token, column, result in zip(tokens, columns, results, strict=True):
-            if result is None:
-                metrics.decrypt_failed(column, self._keyring.failure_reason(token))
+            if not isinstance(result, tuple):
+                metrics.decrypt_failed(column, result or "corrupt")
                 out.append(None)
                 continue
             plaintext, key_id = result[0], key_ids[result[1]]
@@ -163,10 +178,13 @@ class AsyncCrypto:
     async def encrypt_values(self, values: Sequence[str], columns: Sequence[str]) -> list[str]:
         """Encrypt plaintexts in one hop (checked by the caller), counted per column."""
         results = await self._coalescer.run([(_ENCRYPT, value) for value in values])
+        tokens = [result[0] for result in results if isinstance(result, tuple)]
+        if len(tokens) != len(results):
+            raise EncryptionError()
         key_id = self._keyring.primary_key_id
         for column in columns:
             self.metrics.encrypted(column, key_id)
-        return [result[0] for result in results]  # type: ignore[index]
+        return tokens
 
     # -- for the application -------------------------------------------------
 
@@ -190,13 +208,7 @@ class AsyncCrypto:
         """
         todo = [index for index, value in enumerate(values) if value is not None]
         for index in todo:
-            value = values[index]
-            if not isinstance(value, str):
-                raise TypeError(f"a secret must be a str or None, not {type(value).__name__}")
-            if "\x00" in value:
-                raise EncryptionError(
-                    "it contains a NUL character, which PostgreSQL text cannot hold"
-                )
+            check_plaintext(values[index])  # before queuing: a bad value fails only this call
         out: list[str | None] = list(values)
         if todo:
             plaintexts = [values[index] for index in todo]

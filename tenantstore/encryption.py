@@ -103,6 +103,22 @@ def _utf8(value: str) -> bytes:
     raise EncryptionError()
 
 
+def check_plaintext(value: object) -> None:
+    """Refuse, before any work is queued, a secret that could not be stored and read back.
+
+    Raises:
+        TypeError: `value` is not a str.
+        EncryptionError: it holds a NUL character (PostgreSQL text cannot hold
+            it once decrypted) or a lone surrogate (not UTF-8 encodable).
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"a secret must be a str or None, not {type(value).__name__}")
+    if "\x00" in value:
+        raise EncryptionError("it contains a NUL character, which PostgreSQL text cannot hold")
+    if not value.isascii():
+        _utf8(value)
+
+
 def is_encrypted(value: object) -> bool:
     """Tell whether `value` is structurally a Fernet token, without any key.
 

@@ -280,7 +280,9 @@ _OBJECT_ONLY_CLASSES = frozenset(
     {"08", "0A", "23", "25", "28", "3D", "3F", "40", "42", "53", "54", "55", "57", "58"}
 )
 # Server functions that emit a message written by user code, whatever its SQLSTATE.
-_USER_MESSAGE_SOURCES = frozenset({"exec_stmt_raise", "exec_stmt_assert", "PLy_elog", "elog"})
+_USER_MESSAGE_SOURCES = frozenset(
+    {"exec_stmt_raise", "exec_stmt_assert", "PLy_elog", "PLy_elog_impl", "PLy_output", "elog"}
+)
 _FUNCTION_IN_CONTEXT = re.compile(r"(?:PL/\w+|SQL) function ([\w.$\"]{1,200})\(")
 _NAME_FIELDS = (
     ("constraint_name", "constraint"),
@@ -301,9 +303,11 @@ def _server_message(exc: BaseException) -> str | None:
         return None
     if getattr(exc, "server_source_function", None) in _USER_MESSAGE_SOURCES:
         return None
-    context = getattr(exc, "context", None)
-    if context and (" at RAISE" in context or " at ASSERT" in context):
-        return None  # RAISE ... USING ERRCODE = 'check_violation' and friends
+    if getattr(exc, "context", None):
+        # Raised inside a function or trigger (RAISE ... USING ERRCODE =
+        # 'check_violation', a PL/Python or PL/Perl error): the message may be
+        # the function author's, holding any value.
+        return None
     return printable(message)
 
 

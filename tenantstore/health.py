@@ -49,6 +49,7 @@ from .db import redact_url, resolve_database_url
 from .encryption import KeyRing, stored_token
 from .errors import ConfigurationError, TenantStoreError, describe_driver_error
 from .keys.check import KeyCheckError, check_keys
+from .keys.envelope import keyring_from_env
 from .keys.store import keys_table_exists
 from .live_cache import LiveCache
 from .migrate.files import Migration
@@ -189,15 +190,9 @@ async def _keys(pool: asyncpg.Pool, keyring: KeyRing) -> Check:
     ring = _key_ring_text(keyring)
     if not sampled:
         return Check("ok", f"{ring}; no stored token to check it against")
-    # Off the loop, and not through the AsyncCrypto worker: the crypto check covers that.
-    results = await anyio.to_thread.run_sync(
-        keyring.decrypt_batch_with_key_index, [token for _, token in sampled]
-    )
-    bad = Counter(
-        (column, keyring.failure_reason(token))
-        for (column, token), result in zip(sampled, results, strict=True)
-        if result is None
-    )
+    # Off the loop, and not through the AsyncCrypto worker: the crypto check covers
+    # that. Only the failure counts come back from the thread, no plaintext.
+    bad = await anyio.to_thread.run_sync(_failures, keyring, sampled)
     if bad:
         detail = ", ".join(f"{column} ({n} {reason})" for (column, reason), n in bad.items())
         return Check(
@@ -210,13 +205,23 @@ async def _keys(pool: asyncpg.Pool, keyring: KeyRing) -> Check:
     return Check("ok", f"{ring}; {len(sampled)} sampled tokens in {columns} columns decrypt")
 
 
+def _failures(keyring: KeyRing, sampled: list[tuple[str, str]]) -> Counter[tuple[str, str]]:
+    """Per (column, reason), how many sampled tokens decrypt under no key (in a thread)."""
+    results = keyring.decrypt_batch_with_key_index([token for _, token in sampled])
+    return Counter(
+        (column, keyring.failure_reason(token))
+        for (column, token), result in zip(sampled, results, strict=True)
+        if result is None
+    )
+
+
 async def _crypto(crypto: AsyncCrypto) -> Check:
     # Straight through the worker: no cache entry, metric or audit event for a probe.
     canary = secrets.token_hex(8)
-    encrypted = await crypto.coalescer.run([(_ENCRYPT, canary)])
-    token = encrypted[0][0] if encrypted[0] is not None else ""
-    decrypted = await crypto.coalescer.run([(_DECRYPT, token)])
-    if decrypted[0] is None or decrypted[0][0] != canary:
+    [encrypted] = await crypto.coalescer.run([(_ENCRYPT, canary)])
+    token = encrypted[0] if isinstance(encrypted, tuple) else ""
+    [decrypted] = await crypto.coalescer.run([(_DECRYPT, token)])
+    if not isinstance(decrypted, tuple) or decrypted[0] != canary:
         return Check("failed", "the worker's round trip did not give back what it was given")
     cache = crypto.cache
     return Check("ok", f"worker round trip; cache holds {len(cache)} of {cache.size}")
@@ -308,7 +313,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run(url: str, keyring: KeyRing | None, check_timeout: float) -> HealthReport:
+async def _run(url: str, check_timeout: float) -> HealthReport:
     # min_size=0: an unreachable server is the database check's finding, not an
     # error here. No statement cache: nothing outlives the probe on a PgBouncer server.
     pool = await asyncpg.create_pool(
@@ -320,10 +325,22 @@ async def _run(url: str, keyring: KeyRing | None, check_timeout: float) -> Healt
         server_settings={"application_name": "tenantstore-health"},
     )
     try:
+        key_problem = None
+        try:
+            # Either mode: ENCRYPTION_KEY(S) or files, or the HSM unwrapping tenantstore_keys.
+            with anyio.fail_after(check_timeout):
+                keyring: KeyRing | None = await keyring_from_env(pool)
+        except TenantStoreError as exc:  # its message names the setting, never a key
+            keyring, key_problem = None, str(exc)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            keyring, key_problem = None, f"loading the keys: {describe_driver_error(exc)}"
         crypto = None if keyring is None else AsyncCrypto(keyring, cache_size=0)
-        return await check_health(pool, crypto, check_timeout=check_timeout)
+        report = await check_health(pool, crypto, check_timeout=check_timeout)
     finally:
         pool.terminate()  # nothing is in flight; a hung server must not hang the probe
+    if key_problem is not None:
+        report = HealthReport({**report.checks, "keys": Check("failed", key_problem)})
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -341,14 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    key_problem = None
-    try:
-        keyring: KeyRing | None = KeyRing.from_env()
-    except ConfigurationError as exc:  # its message names the setting, never a key
-        keyring, key_problem = None, str(exc)
-    report = asyncio.run(_run(url, keyring, args.timeout))
-    if key_problem is not None:
-        report = HealthReport({**report.checks, "keys": Check("failed", key_problem)})
+    report = asyncio.run(_run(url, args.timeout))
     if args.json:
         print(json.dumps(report.as_dict()))
     else:

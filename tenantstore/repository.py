@@ -29,8 +29,8 @@ from ._tenant_rows import (
 )
 from .audit import AuditEvent, AuditLog
 from .crypto import AsyncCrypto
-from .encryption import KeyRing
-from .errors import EncryptionError, TenantExistsError, TenantNotFoundError, database_error
+from .encryption import KeyRing, check_plaintext
+from .errors import TenantExistsError, TenantNotFoundError, database_error
 from .keys.check import KeyCheckReport, check_keys
 from .keys.store import KeyUseRecorder
 from .live_cache import Entry, LiveCache
@@ -90,6 +90,11 @@ class TenantRepository:
             raise TypeError(
                 "cache_size, audit and meter_provider are for a KeyRing; "
                 "an AsyncCrypto brings its own"
+            )
+        if live_cache is not None and not isinstance(pool, asyncpg.Pool):
+            raise TypeError(
+                "live_cache needs an asyncpg pool: read through one connection, a row its "
+                "open transaction has not committed would be cached for every caller"
             )
         self._db = pool
         self._crypto = crypto
@@ -262,18 +267,23 @@ class TenantRepository:
         validate_tenant_id(tenant_id, creating=True)
         plaintexts = [secrets.get(column) for column in SECRETS]
         tokens = await self._encrypt(plaintexts)
+        error: Exception | None = None
         try:
             row = await self._db.fetchrow(SQL["create_tenant"], tenant_id, name, *tokens)
         except asyncpg.UniqueViolationError as exc:
-            await self._audit_write(tenant_id, secrets, "failed")
             if is_key_conflict(exc):
-                raise TenantExistsError(tenant_id) from None
-            raise database_error(exc, "create_tenant", tenant_id=tenant_id) from None
+                error = TenantExistsError(tenant_id)
+            else:
+                error = database_error(exc, "create_tenant", tenant_id=tenant_id)
         except _DRIVER_ERRORS as exc:
-            await self._audit_write(tenant_id, secrets, "failed")
-            raise database_error(exc, "create_tenant", tenant_id=tenant_id) from None
+            error = database_error(exc, "create_tenant", tenant_id=tenant_id)
         finally:
             self._changed(tenant_id)
+        if error is not None:
+            # Audited and raised out here: an await inside the handler would keep the
+            # driver's error (row values in its DETAIL) as this error's __context__.
+            await self._audit_write(tenant_id, secrets, "failed")
+            raise error
         assert row is not None
         await self._audit_write(tenant_id, secrets, "ok")
         await self._recorded(tokens)
@@ -300,13 +310,16 @@ class TenantRepository:
         sql = self._set_sql.get(columns)
         if sql is None:
             sql = self._set_sql[columns] = set_secrets_sql(columns)
+        error: Exception | None = None
         try:
             status = await self._db.execute(sql, tenant_id, *tokens)
         except _DRIVER_ERRORS as exc:
-            await self._audit_write(tenant_id, values, "failed")
-            raise database_error(exc, "set_secrets", tenant_id=tenant_id) from None
+            error = database_error(exc, "set_secrets", tenant_id=tenant_id)
         finally:
             self._changed(tenant_id)
+        if error is not None:  # out of the handler: see create_tenant
+            await self._audit_write(tenant_id, values, "failed")
+            raise error
         if status == "UPDATE 0":
             await self._audit_write(tenant_id, values, "not_found")
             raise TenantNotFoundError(tenant_id)
@@ -345,14 +358,9 @@ class TenantRepository:
         """The tokens to store (one worker hop): `None` stays NULL, `""` becomes a token too."""
         todo = [i for i, value in enumerate(plaintexts) if value is not None]
         for i in todo:
-            value = plaintexts[i]
-            if not isinstance(value, str):
-                raise TypeError(f"a secret must be a str or None, not {type(value).__name__}")
-            if "\x00" in value:
-                # Storable as a token, but `migrate down` could never write it back as text.
-                raise EncryptionError(
-                    "it contains a NUL character, which PostgreSQL text cannot hold"
-                )
+            # Checked here, not in the worker: one bad value must fail only its own call,
+            # not every request batched with it.
+            check_plaintext(plaintexts[i])
         tokens: list[str | None] = [None] * len(plaintexts)
         if todo:
             made = await self._crypto.encrypt_values(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -137,6 +138,36 @@ async def test_retire_refuses_while_secrets_are_under_the_key_then_retires_it(
         assert key not in result.stdout and old_key not in result.stdout + result.stderr
 
 
+async def test_retire_refuses_an_id_that_names_no_key(
+    migrated: asyncpg.Pool, database_url: str, key: str, tmp_path: Path
+) -> None:
+    """A typo counts 0 secrets under it: neither command may call that a success."""
+    env = {"ENCRYPTION_KEY": key}
+    typo = "0123456789ab"
+    url = ["--database-url", database_url]
+    retire = await keys_cli(["retire", typo, *url], env, tmp_path)
+    assert retire.returncode == 1, retire.stdout + retire.stderr
+    assert "neither configured nor recorded in tenantstore_keys" in retire.stderr
+    verify = await asyncio.to_thread(
+        run, "tenantstore.migrate", ["verify", "--retire", typo, *url], env, tmp_path
+    )
+    assert verify.returncode == 2, verify.stdout + verify.stderr
+    assert "neither configured nor recorded in tenantstore_keys" in verify.stderr
+    assert (
+        await migrated.fetchval("SELECT count(*) FROM tenantstore_keys WHERE key_id = $1", typo)
+        == 0
+    )
+    # A key the database recorded (since removed from the configuration) may still retire.
+    gone = Fernet.generate_key().decode()
+    await record_key_use(migrated, key_id(gone), primary=False)
+    known = await asyncio.to_thread(
+        run, "tenantstore.migrate", ["verify", "--retire", key_id(gone), *url], env, tmp_path
+    )
+    assert known.returncode == 0, known.stdout + known.stderr
+    retired = await keys_cli(["retire", key_id(gone), *url], env, tmp_path)
+    assert retired.returncode == 0, retired.stdout + retired.stderr
+
+
 async def test_envelope_commands_in_env_mode_say_a_kek_is_needed(
     database_url: str, key: str, tmp_path: Path
 ) -> None:
@@ -196,6 +227,45 @@ async def test_hsm_workflow_import_new_data_key_list_check_rewrap(
     assert ring.decrypt(token) == "before the HSM"
     everything = "".join(r.stdout + r.stderr for r in (imported, new, listed, checked, moved))
     assert key not in everything and softhsm.pin not in everything
+
+
+async def test_health_and_tenants_commands_load_the_ring_from_the_hsm(
+    migrated: asyncpg.Pool, database_url: str, softhsm: SoftHsm, tmp_path: Path
+) -> None:
+    """In pkcs11 mode no key is in the environment: every command unwraps tenantstore_keys."""
+    url = ["--database-url", database_url]
+    hsm = softhsm.environ(KEK_A)
+    new = await keys_cli(["new-data-key", *url], hsm, tmp_path)
+    assert new.returncode == 0, new.stderr
+    data_key = new.stdout.strip()
+    await migrated.execute("INSERT INTO tenants (tenant_id, name) VALUES ('acme', 'Acme')")
+
+    secret = "AIza-entered-under-the-hsm"
+    written = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tenantstore.tenants", "set-secret", "acme", "gemini_api_key", *url],
+        input=secret + "\n", capture_output=True, text=True, cwd=tmp_path,
+        env=dict(os.environ) | hsm, timeout=120, check=False,
+    )  # fmt: skip
+    assert written.returncode == 0, written.stderr
+    assert (
+        written.stdout.strip()
+        == f"Set gemini_api_key for tenant acme (encrypted under key {data_key})"
+    )
+    shown = await asyncio.to_thread(
+        run, "tenantstore.tenants", ["show", "acme", "--json", *url], hsm, tmp_path
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "key unknown" not in shown.stdout and data_key in shown.stdout
+    health = await asyncio.to_thread(
+        run, "tenantstore.health", ["--json"], hsm | {"DATABASE_URL": database_url}, tmp_path
+    )
+    checks = json.loads(health.stdout)["checks"]
+    assert checks["keys"]["status"] == "ok", checks
+    assert checks["crypto"]["status"] == "ok", checks
+    for result in (new, written, shown, health):
+        assert secret not in result.stdout + result.stderr
+        assert softhsm.pin not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(

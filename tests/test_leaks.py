@@ -39,6 +39,7 @@ from tenantstore import (
     TenantNotFoundError,
     TenantRepository,
 )
+from tenantstore.audit import AuditLog
 from tenantstore.migrate import (
     decrypt_secrets,
     downgrade,
@@ -148,6 +149,13 @@ RAISES = {
         "RAISE EXCEPTION 'rejected' USING DETAIL = NEW.gemini_api_key, "
         "HINT = coalesce(NEW.oauth_access_token, '')",
         "P0001",
+    ),
+    # Not a RAISE: a value used as a name makes the server's own message quote it
+    # (`relation "ya29..." does not exist`), in a class whose messages name objects.
+    "dynamic-name": (
+        "EXECUTE format('SELECT 1 FROM %I', "
+        "coalesce(NEW.oauth_access_token, NEW.oauth_refresh_token))",
+        "42P01",
     ),
 }
 TRIGGERS = [
@@ -346,8 +354,38 @@ async def test_repository_errors_name_the_constraint_and_tenant_never_a_secret(
     assert f"tenant {tenant_id}" in message and error.tenant_id == tenant_id
     assert error.sqlstate == how.sqlstate
     assert error.driver_error is not None and getattr(error.driver_error, "detail", None) is None
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
     assert await snapshot(schema) == before
     assert_no_leak({**error_texts(error), "logs": caplog.text}, planted.secrets)
+
+
+class FailingSink:
+    """An audit sink that is down: every emit raises."""
+
+    enabled = True
+
+    async def emit(self, events: object) -> None:
+        raise RuntimeError("the audit sink is down")
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("call", ["set_secrets", "create_tenant"])
+async def test_an_audit_failure_after_a_refused_write_carries_no_driver_error(
+    schema: asyncpg.Pool, key: str, call: str
+) -> None:
+    """Auditing a failed write inside the `except` would chain the driver's error
+    (its DETAIL quoting the row) to whatever the audit raised, unsuppressed."""
+    ring = KeyRing(key)
+    planted = Planted([key, PLAIN, LEGACY, NEW_PLAIN])
+    await plant(schema, planted, "victim", oauth_access_token=LEGACY)
+    await guard(schema, TRIGGERS[2])  # raise-detail: DETAIL and HINT hold the row's values
+    repo = TenantRepository(schema, ring, audit=AuditLog(FailingSink()))
+    with pytest.raises(RuntimeError, match="audit sink is down") as info:
+        await REPOSITORY_CALLS[call][1](repo)
+    assert info.value.__context__ is None
+    assert_no_leak(error_texts(info.value), planted.secrets)
 
 
 # -- the schema runner: a migration that trips over a row holding a secret ---------------

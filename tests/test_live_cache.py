@@ -204,11 +204,23 @@ def test_out_of_range_settings_are_configuration_errors(options: dict[str, Any])
         LiveCache(listen_dsn="postgresql://localhost/app", **options)
 
 
-def test_one_cache_serves_one_repository(keyring: KeyRing) -> None:
+async def test_one_cache_serves_one_repository(migrated: asyncpg.Pool, keyring: KeyRing) -> None:
     cache = LiveCache(listen_dsn="postgresql://localhost/app")
-    TenantRepository(None, keyring, live_cache=cache)  # type: ignore[arg-type]
+    TenantRepository(migrated, keyring, live_cache=cache)
     with pytest.raises(ConfigurationError, match="already serves another"):
-        TenantRepository(None, keyring, live_cache=cache)  # type: ignore[arg-type]
+        TenantRepository(migrated, keyring, live_cache=cache)
+
+
+async def test_a_live_cache_refuses_a_bare_connection(
+    migrated: asyncpg.Pool, database_url: str, keyring: KeyRing
+) -> None:
+    """Through one connection, a row of its open transaction could be cached for all."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        with pytest.raises(TypeError, match="needs an asyncpg pool"):
+            TenantRepository(conn, keyring, live_cache=live_cache(database_url))
+    finally:
+        await conn.close()
 
 
 def test_repr_shows_state_and_size_but_not_the_url() -> None:
@@ -286,11 +298,12 @@ async def test_a_write_through_the_repository_is_read_back_at_once(
     The repository's connection runs with `session_replication_role =
     replica`, under which triggers do not fire: its writes notify nobody.
     """
-    conn = await asyncpg.connect(
-        database_url, server_settings={"session_replication_role": "replica"}
-    )
+    pool = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=2,
+        server_settings={"session_replication_role": "replica"},
+    )  # fmt: skip
     try:
-        async with TenantRepository(conn, keyring, live_cache=live_cache(database_url)) as repo:
+        async with TenantRepository(pool, keyring, live_cache=live_cache(database_url)) as repo:
             await repo.create_tenant("acme", "Acme", gemini_api_key="old")
             await until_live(repo)
             assert gemini(await repo.get_tenant("acme")) == "old"
@@ -303,7 +316,7 @@ async def test_a_write_through_the_repository_is_read_back_at_once(
             await repo.delete_tenant("acme")
             assert await repo.get_tenant("acme") is None
     finally:
-        await conn.close()
+        await pool.close()
 
 
 async def test_calls_before_start_read_the_database_and_count_as_bypassed(

@@ -115,9 +115,19 @@ def test_planning_a_page_in_slices_gives_the_same_cells(key: str, old_key: str) 
     old = KeyRing(old_key)
     rows = [(i, i % 2, old.encrypt(f"v{i}") if i % 3 else f"plain{i}") for i in range(700)]
     whole = plan_cells("rotate", ring, rows)
-    sliced = _plan_in_slices("rotate", ring, rows)
+    sealed = _plan_in_slices("rotate", ring, rows)
+    assert repr(sealed) == "<sealed>"  # a future holding it shows nothing
+    sliced = sealed.value
     assert sorted((c.row, c.column, c.outcome) for c in sliced) == sorted(
         (c.row, c.column, c.outcome) for c in whole
     )
     assert sum(c.outcome == "changed" for c in sliced) == 466
     assert sum(c.outcome == "plaintext" for c in sliced) == 234
+
+
+def test_a_planned_cell_never_shows_its_new_value(key: str) -> None:
+    """`decrypt` plans plaintexts: a cell in a log line or a traceback must not show one."""
+    ring = KeyRing(key)
+    [cell] = plan_cells("decrypt", ring, [(0, 0, ring.encrypt("AIza-planned-secret"))])
+    assert cell.new == "AIza-planned-secret"
+    assert "AIza-planned-secret" not in repr(cell)

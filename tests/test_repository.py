@@ -83,7 +83,9 @@ async def test_duplicate_create_raises_tenant_exists(repo: TenantRepository) -> 
     with pytest.raises(TenantExistsError) as info:
         await repo.create_tenant("acme", "Other", gemini_api_key=API_KEY)
     assert info.value.tenant_id == "acme"
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    # No driver error reachable from it (its DETAIL holds the row's values).
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None or info.value.__suppress_context__
     assert API_KEY not in str(info.value)
 
 
@@ -599,3 +601,31 @@ async def test_the_application_shares_the_repository_worker_and_cache(
         await crypto.encrypt_many([b"bytes"])  # type: ignore[list-item]
     with pytest.raises(TypeError, match="are for a KeyRing; an AsyncCrypto brings its own"):
         TenantRepository(schema, crypto, cache_size=5)
+
+
+async def test_a_value_that_cannot_be_encrypted_fails_only_its_own_call(
+    repo: TenantRepository,
+) -> None:
+    """Checked before it is queued, and the worker encrypts per value: a lone surrogate
+    fails its own call with `EncryptionError`, never the requests batched with it."""
+    await repo.create_tenant("acme", "Acme")
+    await repo.create_tenant("beta", "Beta")
+    bad = "AIza-lone-\ud800-surrogate"
+    crypto = repo.crypto
+    results = await asyncio.gather(
+        repo.set_secrets("acme", gemini_api_key=bad),
+        repo.set_secrets("beta", gemini_api_key="fine"),
+        crypto.encrypt_many(["ok", bad]),
+        crypto.encrypt_values([bad], ["gemini_api_key"]),  # unchecked: straight to the worker
+        crypto.encrypt("alright"),
+        return_exceptions=True,
+    )
+    for refused in (results[0], results[2], results[3]):
+        assert isinstance(refused, EncryptionError), refused
+        assert "surrogate" in str(refused) and "AIza" not in str(refused)
+        assert refused.__context__ is None or refused.__suppress_context__
+    assert results[1] is None
+    assert await crypto.decrypt(results[4]) == "alright"  # type: ignore[arg-type]
+    beta = await repo.get_tenant("beta")
+    assert beta is not None and beta.gemini_api_key is not None
+    assert beta.gemini_api_key.get_secret_value() == "fine"

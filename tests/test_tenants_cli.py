@@ -21,6 +21,8 @@ import pytest
 from cryptography.fernet import Fernet
 
 from tenantstore import KeyRing, TenantNotFoundError
+from tenantstore.audit import AuditLog
+from tenantstore.audit.pg import PostgresSink
 from tenantstore.encryption import key_id
 from tenantstore.migrate import upgrade
 from tenantstore.tenants import (
@@ -160,6 +162,55 @@ async def test_piped_value_is_encrypted_under_the_primary_key_and_never_printed(
     assert b"AIza-old-plaintext" not in shown
     after = await schema.fetchval("SELECT updated_at FROM tenants WHERE tenant_id = 'acme'")
     assert after >= before
+
+
+async def test_set_secret_is_audited_and_records_its_key(
+    database_url: str, schema: asyncpg.Pool, key: str, tmp_path: Path
+) -> None:
+    """An operator's re-entry lands in tenantstore_audit, by operator:<user>, never the value."""
+    await add_tenant(schema, "acme")
+    secret = "AIza-audited-operator-entry"
+    result = await run_piped(
+        command("set-secret", "acme", "gemini_api_key", url=database_url),
+        f"{secret}\n".encode(),
+        key,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    cleared = await run_piped(
+        command("set-secret", "acme", "gemini_api_key", "--clear", url=database_url),
+        b"",
+        key,
+        tmp_path,
+    )
+    assert cleared.returncode == 0, cleared.stderr
+    rows = await schema.fetch(
+        "SELECT operation, column_name, row_key, key_id, outcome, actor FROM tenantstore_audit "
+        "ORDER BY id"
+    )
+    assert [
+        (r["operation"], r["column_name"], r["row_key"], r["key_id"], r["outcome"]) for r in rows
+    ] == [
+        ("write", "gemini_api_key", "acme", key_id(key), "ok"),
+        ("clear", "gemini_api_key", "acme", None, "ok"),
+    ]
+    assert all(r["actor"].startswith("operator") for r in rows)
+    everything = await schema.fetchval("SELECT string_agg(t::text, ' ') FROM tenantstore_audit t")
+    assert secret not in everything
+    recorded = await schema.fetchval(
+        "SELECT last_used_at FROM tenantstore_keys WHERE key_id = $1", key_id(key)
+    )
+    assert recorded is not None
+    # A refused compare-and-swap is audited too, with its outcome.
+    ring = KeyRing(key)
+    audit = AuditLog(PostgresSink(schema))
+    with pytest.raises(SecretChangedError):
+        await set_secret(schema, ring, "acme", "gemini_api_key", "v", expected="stale", audit=audit)
+    await audit.aclose()
+    last = await schema.fetchrow(
+        "SELECT operation, outcome FROM tenantstore_audit ORDER BY id DESC LIMIT 1"
+    )
+    assert (last["operation"], last["outcome"]) == ("write", "changed")
 
 
 async def test_piped_value_keeps_its_whitespace_but_one_trailing_crlf(
@@ -406,8 +457,20 @@ async def test_unknown_column_exits_2_naming_the_secret_columns(
     monkeypatch.setenv("ENCRYPTION_KEY", key)
     assert main(["set-secret", "acme", "name", "--clear"]) == 2
     err = capsys.readouterr().err
-    assert "name is not a secret column of tenants" in err
+    assert "COLUMN is not a secret column of tenants" in err
     assert ", ".join(COLUMNS) in err
+
+
+async def test_unknown_column_is_not_echoed(
+    key: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A secret pasted where COLUMN goes is refused without coming back out."""
+    monkeypatch.setenv("ENCRYPTION_KEY", key)
+    pasted = "AIzaSy-pasted-into-the-column-slot"
+    assert main(["set-secret", "acme", pasted, "--clear"]) == 2
+    captured = capsys.readouterr()
+    assert pasted not in captured.err + captured.out
+    assert "is not a secret column" in captured.err
 
 
 async def test_missing_tenant_exits_1_before_any_value_is_read(

@@ -217,7 +217,7 @@ class AuditLog:
     @property
     def enabled(self) -> bool:
         """Whether any sink wants events now (so callers can skip building them)."""
-        for sink in self._sinks:  # a loop, not any(): asked on every audited read
+        for sink in self._sinks:  # noqa: SIM110 - a loop, not any(): asked on every audited read
             if sink.enabled:
                 return True
         return False

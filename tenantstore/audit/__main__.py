@@ -35,10 +35,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
-
+from .._cli import run_command
 from ..db import create_pool, embedded_database_url, resolve_database_url
-from ..errors import ConfigurationError, TenantStoreError, describe_driver_error, printable
+from ..errors import ConfigurationError, printable
 from ._session import SQL
 
 __all__ = ["main", "parse_when"]
@@ -272,31 +271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         print("error: -n and --limit take 0 or more", file=sys.stderr)
         return 2
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    try:
-        return asyncio.run(_run(args))
-    except KeyboardInterrupt:
-        return 130
-    except ConfigurationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TenantStoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except asyncpg.UndefinedTableError:
-        print(
-            "error: the audit tables do not exist: run `python -m tenantstore.migrate up`",
-            file=sys.stderr,
-        )
-        return 1
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        print(f"error: database: {describe_driver_error(exc)}", file=sys.stderr)
-        return 1
-    finally:
-        logger.removeHandler(handler)
+    return run_command(
+        lambda: asyncio.run(_run(args)),
+        level=logging.WARNING,
+        interrupted=f"{args.command} stopped.",
+        missing_table="the audit tables do not exist",
+    )
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import anyio.to_thread
-import asyncpg
 
+from .._cli import run_command
 from ..config import load_settings, nonblank_setting
 from ..db import create_pool, embedded_database_url, resolve_database_url
 from ..encryption import ENCRYPTION_KEY, OLD_ENCRYPTION_KEY, KeyRing, generate_encryption_key
-from ..errors import ConfigurationError, TenantStoreError, describe_driver_error, printable
+from ..errors import ConfigurationError, TenantStoreError, printable
 from . import pkcs11 as _pkcs11_settings
 from .check import DEFAULT_SAMPLE, check_keys
 from .envelope import env_keys, import_keys, keyring_from_env, new_data_key, rewrap
@@ -371,6 +371,11 @@ async def _retire(args: argparse.Namespace) -> int:
             row = await conn.fetchrow(Q["key_state"].sql, kid)
             if row is not None and row["state"] == "primary":
                 raise _Refused(f"the database records key {kid} as primary: it cannot retire")
+            if row is None and kid not in keyring.key_ids:
+                raise _Refused(
+                    f"key {kid} is neither configured nor recorded in tenantstore_keys: "
+                    "check the id (`python -m tenantstore.keys list`)"
+                )
             await conn.execute(Q["retire_key"].sql, kid)
         print(f"Key {kid} is retired: no secret of {report.table} is under it.")
         return 0
@@ -387,26 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--if-missing needs --write PATH")
         if args.rotate and args.write is None:
             parser.error("--rotate needs --write PATH")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+
+    def body() -> int:
         if args.handler is None:
             return _generate(args)
         code: int = asyncio.run(args.handler(args))
         return code
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {args.command} stopped; run it again to resume.", file=sys.stderr)
-        return 130
-    except ConfigurationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TenantStoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        print(f"error: database: {describe_driver_error(exc)}", file=sys.stderr)
-        return 1
-    finally:
-        logger.removeHandler(handler)
+
+    return run_command(body, interrupted=f"{args.command} stopped; run it again to resume.")

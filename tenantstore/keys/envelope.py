@@ -25,6 +25,7 @@ from typing import Any
 import anyio.to_thread
 import asyncpg
 
+from .._offload import Sealed
 from ..config import (
     FernetImplementation,
     configured_keys,
@@ -118,10 +119,10 @@ async def load_keyring(
     for row in rows:
         _check_wrapped_by(row["key_id"], row["wrapped_by"], provider)
 
-    def unwrap_all() -> list[str]:
-        return [_unwrap(provider, row["key_id"], row["wrapped_key"]) for row in rows]
+    def unwrap_all() -> Sealed[list[str]]:  # sealed: these are the data keys themselves
+        return Sealed([_unwrap(provider, row["key_id"], row["wrapped_key"]) for row in rows])
 
-    keys = await anyio.to_thread.run_sync(unwrap_all)
+    keys = (await anyio.to_thread.run_sync(unwrap_all)).value
     return KeyRing(keys[0], keys[1:], fernet=fernet)
 
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import anyio.to_thread
 import asyncpg
 
+from .._cli import run_command
 from ..config import load_settings
 from ..db import (
     DATABASE_DIRECT_URL,
@@ -38,12 +39,12 @@ from ..errors import (
     ConfigurationError,
     DestructiveMigrationError,
     EncryptionKeyMissingError,
-    TenantStoreError,
     describe_driver_error,
     printable,
 )
 from ..keys.envelope import keyring_from_env
 from ..keys.providers import provider_name
+from ..keys.store import check_key_id, keys_table_exists, list_known_keys
 from ..models import TENANTS
 from ..pooling import PGBOUNCER_SETTING, pgbouncer_setting, through_pooler
 from ..tables import EncryptedTable
@@ -371,8 +372,29 @@ async def _command(
                 status.not_counted = str(exc)
         return status
     assert keyring is not None
+    retire = getattr(args, "retire", None)
+    if retire is not None:
+        await _check_retiring(pool, keyring, retire)
     options["table"] = table
     return await run_operation(args.command, pool, keyring, **options)
+
+
+async def _check_retiring(pool: asyncpg.Pool, keyring: KeyRing, key_id: str) -> None:
+    """Refuse a `--retire` id that names no key: a typo would otherwise count 0 and pass."""
+    try:
+        check_key_id(key_id)
+    except ValueError as exc:
+        raise ConfigurationError(f"--retire: {exc}") from None
+    if key_id in keyring.key_ids:
+        return
+    if await keys_table_exists(pool) and any(
+        known.key_id == key_id for known in await list_known_keys(pool)
+    ):
+        return
+    raise ConfigurationError(
+        f"--retire: key {key_id} is neither configured nor recorded in tenantstore_keys: "
+        "check the id (`python -m tenantstore.keys list`)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -384,13 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.retry_for < 0:
         print("error: --retry-for must be zero or greater", file=sys.stderr)
         return 2
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    # Audit records go to the application's audit handlers, not the operator's terminal.
-    handler.addFilter(lambda record: not record.name.startswith("tenantstore.audit"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
-    try:
+
+    def body() -> int:
         if args.command not in ("up", "down"):
             _table(args)  # a bad --table/--column is a usage error, before any I/O
         keyring: KeyRing | None = None
@@ -402,24 +419,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.command in _BATCH_OPERATIONS:
                     raise
         return asyncio.run(_run(args, keyring, hsm=hsm))
-    except KeyboardInterrupt:
-        print(
-            f"\ninterrupted: {args.command} stopped. Nothing is half-written; run the same "
-            "command again to resume.",
-            file=sys.stderr,
-        )
-        return 130
-    except (ConfigurationError, DestructiveMigrationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TenantStoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        print(f"error: database: {describe_driver_error(exc)}", file=sys.stderr)
-        return 1
-    finally:
-        logger.removeHandler(handler)
+
+    return run_command(
+        body,
+        level=logging.WARNING if args.quiet else logging.INFO,
+        interrupted=f"{args.command} stopped. Nothing is half-written; run the same "
+        "command again to resume.",
+        usage=(DestructiveMigrationError,),
+        hide="tenantstore.audit",  # audit records go to the application's handlers
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import anyio.to_thread
 import asyncpg
 
 from .._catalog import resolve_table
+from .._offload import Sealed
 from ..db import AnyConnection
 from ..encryption import KeyRing
 from ..errors import (
@@ -82,7 +83,7 @@ _REPLANS = 3
 
 def _plan_in_slices(
     operation: Operation, keyring: KeyRing, cells: Sequence[tuple[int, int, str]]
-) -> list[Cell]:
+) -> Sealed[list[Cell]]:
     """`plan_cells` over a page, a slice at a time, in the worker thread.
 
     Fernet holds the GIL; between slices the worker lets go of it
@@ -94,7 +95,7 @@ def _plan_in_slices(
         if start:
             time.sleep(0)
         planned += plan_cells(operation, keyring, cells[start : start + _SLICE])
-    return planned
+    return Sealed(planned)
 
 
 def _cells(rows: Sequence[asyncpg.Record], width: int) -> list[tuple[int, int, str]]:
@@ -249,7 +250,8 @@ class Runner:
             return await conn.fetch(self.sql.first_page, self.batch_size, *self.shard_args)
         return await conn.fetch(self.sql.next_page, self.batch_size, *self.shard_args, after)
 
-    def _plan(self, rows: list[asyncpg.Record]) -> asyncio.Future[list[Cell]]:
+    def _plan(self, rows: list[asyncpg.Record]) -> asyncio.Future[Sealed[list[Cell]]]:
+        # Sealed: a future's repr shows its result, and `decrypt` plans plaintexts.
         cells = _cells(rows, len(self.table.secrets))
         return asyncio.ensure_future(
             anyio.to_thread.run_sync(_plan_in_slices, self.operation, self.keyring, cells)
@@ -264,7 +266,7 @@ class Runner:
                 next_rows: list[asyncpg.Record] = []
                 if len(rows) == self.batch_size:
                     next_rows = await self._read(conn, rows[-1][0], False)
-                cells = await planned
+                cells = (await planned).value
                 planned = self._plan(next_rows) if next_rows else None
                 self._check_first_page(cells)
                 outcomes = await self._write(conn, rows, cells)
@@ -346,7 +348,7 @@ class Runner:
             replanned = await anyio.to_thread.run_sync(
                 _plan_in_slices, self.operation, self.keyring, again
             )
-            for cell in replanned:
+            for cell in replanned.value:
                 if cell.new is None:
                     final.append(cell)
                 else:

@@ -72,7 +72,7 @@ class Cell:
     row: int
     column: int
     outcome: Outcome
-    new: str | None = None
+    new: str | None = field(default=None, repr=False)  # plaintext, for `decrypt`
     key_id: str | None = None
     reason: FailureReason | None = None
 

@@ -26,23 +26,15 @@ from datetime import datetime
 from typing import Any, Final, Literal
 
 import anyio.to_thread
-import asyncpg
 
-from .._catalog import ResolvedTable, resolve_table
-from .._queries import identifier, join, load_queries, render
+from .._queries import identifier, join, render
 from ..encryption import KeyRing, stored_token
-from ..errors import (
-    EncryptionError,
-    TableDefinitionError,
-    TenantNotFoundError,
-    TenantStoreError,
-    UnknownSecretError,
-    database_error,
-    printable,
-)
+from ..errors import TenantNotFoundError, database_error, printable
 from ..models import TENANTS
 from ..repository import validate_tenant_id
 from ._input import MAX_SECRET_BYTES, SecretInputError, parse_piped_value, read_secret_value
+from ._table import DRIVER_ERRORS, Q, check_secret_column, resolve
+from ._write import READ_CURRENT, SecretChangedError, SecretWritten, set_secret, stored_secret
 
 __all__ = [
     "MASK",
@@ -65,41 +57,7 @@ __all__ = [
 MASK: Final = "**********"
 """What `show` prints in place of every stored secret, whatever its length."""
 
-_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
-_Q = load_queries("operator.sql")
-_MIGRATE_HINT = "apply the schema with `python -m tenantstore.migrate up`"
-
 State = Literal["absent", "encrypted", "plaintext", "undecryptable"]
-
-
-class SecretChangedError(TenantStoreError):
-    """The secret changed between the read and the compare-and-swap write: nothing was written.
-
-    Attributes:
-        tenant_id: the tenant.
-        column: the secret column.
-    """
-
-    def __init__(self, tenant_id: str, column: str) -> None:
-        self.tenant_id = tenant_id
-        self.column = column
-        super().__init__(
-            f"{printable(column)} of tenant {printable(tenant_id)} was changed by another "
-            "writer while this command ran; nothing was written: run the command again"
-        )
-
-
-class _ReadCurrent:
-    """Type of `READ_CURRENT`."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "READ_CURRENT"
-
-
-READ_CURRENT: Final = _ReadCurrent()
-"""`set_secret(expected=READ_CURRENT)`: read the stored value just before the write."""
 
 
 # -- the state of stored secrets -------------------------------------------------------
@@ -248,29 +206,7 @@ class TenantView:
         }
 
 
-# -- reading and writing ---------------------------------------------------------------
-
-
-def check_secret_column(column: str) -> str:
-    """Return `column` if it is a secret column of `TENANTS`.
-
-    Raises:
-        UnknownSecretError: it is not; the message names the valid ones.
-    """
-    if column not in TENANTS.secrets:
-        raise UnknownSecretError(
-            f"{printable(column)} is not a secret column of {TENANTS.qualified_name} "
-            f"(its secret columns: {', '.join(TENANTS.secrets)})"
-        )
-    return column
-
-
-async def _resolve(conn: Any) -> ResolvedTable:
-    """`TENANTS` checked against the catalog, with a hint when the schema is behind."""
-    try:
-        return await resolve_table(conn, TENANTS)
-    except TableDefinitionError as exc:
-        raise TableDefinitionError(f"{exc} ({_MIGRATE_HINT})") from None
+# -- reading ----------------------------------------------------------------------------
 
 
 async def show_tenant(conn: Any, tenant_id: str, keyring: KeyRing | None) -> TenantView:
@@ -292,15 +228,15 @@ async def show_tenant(conn: Any, tenant_id: str, keyring: KeyRing | None) -> Ten
     """
     validate_tenant_id(tenant_id)
     try:
-        table = await _resolve(conn)
+        table = await resolve(conn)
         sql = render(
-            _Q["show_tenant"],
+            Q["show_tenant"],
             table=table.sql_name,
             key=identifier(TENANTS.key),
             secrets=join(", ", map(identifier, TENANTS.secrets)),
         )
         row = await conn.fetchrow(sql.text, tenant_id)
-    except _DRIVER_ERRORS as exc:
+    except DRIVER_ERRORS as exc:
         raise database_error(exc, "show_tenant", tenant_id=tenant_id) from None
     if row is None:
         raise TenantNotFoundError(tenant_id)
@@ -314,117 +250,3 @@ async def show_tenant(conn: Any, tenant_id: str, keyring: KeyRing | None) -> Ten
         secrets=tuple(states),
         keys_configured=keyring is not None,
     )
-
-
-async def stored_secret(conn: Any, tenant_id: str, column: str) -> str | None:
-    """The value one secret column of a tenant holds now, as stored (token, plaintext or None).
-
-    Raises:
-        UnknownSecretError: `column` is not a secret column of `TENANTS`.
-        InvalidTenantIdError: the id cannot be stored.
-        TableDefinitionError: the tenants table is missing or lacks the column.
-        TenantNotFoundError: no tenant has this id.
-        DatabaseError: the query failed.
-    """
-    check_secret_column(column)
-    validate_tenant_id(tenant_id)
-    try:
-        table = await _resolve(conn)
-        sql = render(
-            _Q["stored_secret"],
-            table=table.sql_name,
-            key=identifier(TENANTS.key),
-            column=identifier(column),
-        )
-        row = await conn.fetchrow(sql.text, tenant_id)
-    except _DRIVER_ERRORS as exc:
-        raise database_error(exc, "stored_secret", tenant_id=tenant_id) from None
-    if row is None:
-        raise TenantNotFoundError(tenant_id)
-    value: str | None = row[0]
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class SecretWritten:
-    """What `set_secret` did.
-
-    Attributes:
-        tenant_id: the tenant.
-        column: the secret column.
-        key_id: the id of the key the new token was made with; None when cleared.
-    """
-
-    tenant_id: str
-    column: str
-    key_id: str | None
-
-    def summary(self) -> str:
-        """`Set oauth_access_token for tenant acme (encrypted under key 0a1b2c3d4e5f)`."""
-        tenant = printable(self.tenant_id)
-        if self.key_id is None:
-            return f"Cleared {self.column} for tenant {tenant}"
-        return f"Set {self.column} for tenant {tenant} (encrypted under key {self.key_id})"
-
-
-async def set_secret(
-    conn: Any,
-    keyring: KeyRing,
-    tenant_id: str,
-    column: str,
-    value: str | None,
-    *,
-    expected: str | _ReadCurrent | None = READ_CURRENT,
-) -> SecretWritten:
-    """Encrypt `value` under the primary key and store it with compare-and-swap.
-
-    The write happens only while the column still holds `expected`, the
-    value read before (NULL matches NULL); a write by anyone else in between
-    is kept and reported, never overwritten. The Fernet work runs in a
-    worker thread.
-
-    Args:
-        conn: an asyncpg pool or connection.
-        keyring: the keys; the primary one makes the token.
-        tenant_id: the tenant.
-        column: a secret column of `TENANTS`.
-        value: the new secret (`""` is stored as a token of the empty
-            string), or None to clear the column (store NULL).
-        expected: the stored value the write replaces, as `stored_secret`
-            returned it; `READ_CURRENT` (the default) reads it just before.
-
-    Returns:
-        What was done: the tenant, the column and the key id (None when cleared).
-
-    Raises:
-        UnknownSecretError: `column` is not a secret column (before any I/O).
-        InvalidTenantIdError: the id cannot be stored (before any I/O).
-        EncryptionError: `value` holds a NUL or is not valid unicode (before any I/O).
-        TenantNotFoundError: no tenant has this id.
-        SecretChangedError: the column no longer holds `expected`; nothing was written.
-        TableDefinitionError: the tenants table is missing or lacks the column.
-        DatabaseError: a statement failed.
-    """
-    check_secret_column(column)
-    validate_tenant_id(tenant_id)
-    if value is not None and "\x00" in value:
-        raise EncryptionError("it contains a NUL character, which PostgreSQL text cannot hold")
-    if isinstance(expected, _ReadCurrent):
-        expected = await stored_secret(conn, tenant_id, column)
-    token = None if value is None else await anyio.to_thread.run_sync(keyring.encrypt, value)
-    try:
-        table = await _resolve(conn)
-        parts = {"table": table.sql_name, "key": identifier(TENANTS.key)}
-        swap = render(_Q["swap_secret"], **parts, column=identifier(column))
-        status = await conn.execute(swap.text, tenant_id, token, expected)
-        if status == "UPDATE 0":
-            exists = await conn.fetchval(render(_Q["tenant_exists"], **parts).text, tenant_id)
-        else:
-            exists = True
-    except _DRIVER_ERRORS as exc:
-        raise database_error(exc, "set_secret", tenant_id=tenant_id) from None
-    if not exists:
-        raise TenantNotFoundError(tenant_id)
-    if status == "UPDATE 0":
-        raise SecretChangedError(tenant_id, column)
-    return SecretWritten(tenant_id, column, None if token is None else keyring.primary_key_id)

@@ -16,7 +16,11 @@ history would show it: on a terminal it asks twice at a hidden prompt
 trailing line break. It reads the stored value before asking and writes
 with compare-and-swap, so if the application changes the secret while the
 operator types, nothing is written and the command says to run it again.
-It needs `ENCRYPTION_KEY`. It prints what it did, never the value or token.
+It needs the keys (`ENCRYPTION_KEY`, or the HSM with
+`TENANTSTORE_KEY_PROVIDER=pkcs11`). It prints what it did, never the value
+or token. The write or clear is an audit event by `operator:<user name>`,
+written to `tenantstore_audit` once migration 0006 has made it, and the key
+it used is recorded in `tenantstore_keys`.
 
 Exit codes: 0 success; 1 the tenant does not exist, the secret changed
 meanwhile, or the database failed; 2 usage or configuration error (an
@@ -28,21 +32,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
 import sys
 from collections.abc import Sequence
 
-import asyncpg
-
+from .._cli import run_command
+from ..audit import AuditLog, audit_actor
+from ..audit.pg import PostgresSink
 from ..db import create_pool, embedded_database_url, resolve_database_url
 from ..encryption import KeyRing
-from ..errors import (
-    ConfigurationError,
-    EncryptionKeyMissingError,
-    TenantStoreError,
-    describe_driver_error,
-)
+from ..errors import ConfigurationError, EncryptionKeyMissingError
+from ..keys.envelope import keyring_from_env
 from ..models import TENANTS
 from ..repository import validate_tenant_id
 from . import (
@@ -107,18 +109,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _show(url: str, tenant_id: str, keyring: KeyRing | None) -> TenantView:
+async def _show(url: str, tenant_id: str) -> tuple[TenantView, bool]:
     pool = await create_pool(url, min_size=0, max_size=1, server_settings=_SETTINGS)
     try:
-        return await show_tenant(pool, tenant_id, keyring)
+        try:
+            keyring: KeyRing | None = await keyring_from_env(pool)
+        except EncryptionKeyMissingError:
+            keyring = None  # show still works: tokens are "encrypted (key unknown)"
+        return await show_tenant(pool, tenant_id, keyring), keyring is not None
     finally:
         await pool.close()
 
 
-async def _stored(url: str, tenant_id: str, column: str) -> str | None:
+async def _prepare(url: str, tenant_id: str, column: str) -> tuple[KeyRing, str | None]:
+    """The key ring (either mode) and the stored value, before anyone types a secret."""
     pool = await create_pool(url, min_size=0, max_size=1, server_settings=_SETTINGS)
     try:
-        return await stored_secret(pool, tenant_id, column)
+        keyring = await keyring_from_env(pool)
+        return keyring, await stored_secret(pool, tenant_id, column)
     finally:
         await pool.close()
 
@@ -127,11 +135,28 @@ async def _write(
     url: str, keyring: KeyRing, tenant_id: str, column: str, value: str | None,
     expected: str | None,
 ) -> SecretWritten:  # fmt: skip
-    pool = await create_pool(url, min_size=0, max_size=1, server_settings=_SETTINGS)
+    pool = await create_pool(url, min_size=0, max_size=2, server_settings=_SETTINGS)
     try:
-        return await set_secret(pool, keyring, tenant_id, column, value, expected=expected)
+        # An operator's change is what an audit log is for: into tenantstore_audit when
+        # migration 0006 made it, else the `tenantstore.audit` logger.
+        has_table = await pool.fetchval("SELECT to_regclass('tenantstore_audit') IS NOT NULL")
+        audit = AuditLog(PostgresSink(pool)) if has_table else AuditLog()
+        try:
+            with audit_actor(_actor()):
+                return await set_secret(
+                    pool, keyring, tenant_id, column, value, expected=expected, audit=audit
+                )
+        finally:
+            await audit.aclose()
     finally:
         await pool.close()
+
+
+def _actor() -> str:
+    try:
+        return f"operator:{getpass.getuser()}"
+    except (KeyError, OSError):  # no user name for this uid (a bare container)
+        return "operator"
 
 
 def _database_url(args: argparse.Namespace) -> str:
@@ -142,16 +167,12 @@ def _database_url(args: argparse.Namespace) -> str:
 def _run(args: argparse.Namespace) -> int:
     validate_tenant_id(args.tenant_id)
     if args.command == "show":
-        try:
-            keyring: KeyRing | None = KeyRing.from_env()
-        except EncryptionKeyMissingError:
-            keyring = None  # show still works: tokens are "encrypted (key unknown)"
-        view = asyncio.run(_show(_database_url(args), args.tenant_id, keyring))
+        view, keys_configured = asyncio.run(_show(_database_url(args), args.tenant_id))
         if args.json:
             print(json.dumps(view.to_dict()))
         else:
             print("\n".join(view.lines()))
-        if keyring is None:
+        if not keys_configured:
             print(
                 "note: ENCRYPTION_KEY not set: which key made each token is not checked "
                 "(shown as `encrypted (key unknown)`; an undecryptable one looks the same)",
@@ -162,12 +183,12 @@ def _run(args: argparse.Namespace) -> int:
     check_secret_column(args.column)
     if args.clear and (args.allow_empty or args.no_confirm):
         raise ConfigurationError("--clear reads no value: drop --allow-empty and --no-confirm")
-    ring = KeyRing.from_env()
     url = _database_url(args)
-    # Read before asking: a missing tenant fails before anyone types a secret,
-    # and the compare-and-swap covers the time spent typing. The prompt runs
-    # outside any event loop, so Ctrl-C ends it and getpass restores the terminal.
-    expected = asyncio.run(_stored(url, args.tenant_id, args.column))
+    # Keys and stored value before asking: a missing key or tenant fails before
+    # anyone types a secret, and the compare-and-swap covers the time spent typing.
+    # The prompt runs outside any event loop, so Ctrl-C ends it and getpass
+    # restores the terminal.
+    ring, expected = asyncio.run(_prepare(url, args.tenant_id, args.column))
     value: str | None = None
     if not args.clear:
         if sys.stdin is None:
@@ -196,26 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {args.command} stopped; nothing was written.", file=sys.stderr)
-        return 130
-    except ConfigurationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TenantStoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        print(f"error: database: {describe_driver_error(exc)}", file=sys.stderr)
-        return 1
-    finally:
-        logger.removeHandler(handler)
+    return run_command(
+        lambda: _run(args),
+        level=logging.WARNING,
+        hide="tenantstore.audit",
+        interrupted=f"{args.command} stopped; nothing was written.",
+    )
 
 
 if __name__ == "__main__":
