@@ -59,9 +59,19 @@ def test_decrypt_and_verify_classify_every_secret(key: str, old_key: str) -> Non
     decrypt = by_place(plan_cells("decrypt", ring, rows))
     assert [decrypt[i, 0].new for i in range(3)] == ["c", "o", None]
     assert decrypt[2, 0].outcome == "skipped"
-    verify = by_place(plan_cells("verify", ring, rows))
-    assert [verify[i, 0].outcome for i in range(3)] == ["current", "previous", "plaintext"]
-    assert all(cell.new is None for cell in verify.values())
+    token = ring.encrypt("x")
+    corrupt = token[:50] + ("B" if token[50] == "A" else "A") + token[51:]  # fails its HMAC
+    rows += [(3, 0, corrupt), (4, 1, ring.encrypt("c2")), (5, 0, ring.encrypt("c3"))]
+    verify = plan_cells("verify", ring, rows)
+    # Counted per column, outcome and key; a failure keeps its row, for the report.
+    assert sorted((c.row, c.column, c.outcome, c.key_id, c.count) for c in verify) == [
+        (-1, 0, "current", ring.key_ids[0], 2),
+        (-1, 0, "plaintext", None, 1),
+        (-1, 0, "previous", ring.key_ids[1], 1),
+        (-1, 1, "current", ring.key_ids[0], 1),
+        (3, 0, "failed", None, 1),
+    ]
+    assert all(cell.new is None for cell in verify)
 
 
 def test_decrypt_leaves_encrypted_what_cannot_come_back_as_plaintext(key: str) -> None:

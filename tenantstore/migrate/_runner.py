@@ -294,8 +294,8 @@ class Runner:
         if not self.first_page or self.operation == "encrypt":
             return
         self.first_page = False
-        undecryptable = sum(cell.reason == "undecryptable" for cell in cells)
-        decrypted = sum(cell.key_id is not None for cell in cells)
+        undecryptable = sum(cell.count for cell in cells if cell.reason == "undecryptable")
+        decrypted = sum(cell.count for cell in cells if cell.key_id is not None)
         if undecryptable < WRONG_KEY_EVIDENCE or decrypted:
             return  # a few corrupt tokens are failures to list, not a wrong key
         message = (
@@ -388,7 +388,9 @@ class Runner:
     def _count(self, rows: list[asyncpg.Record], cells: list[Cell]) -> None:
         """Add a written page's final outcomes to the report, in bulk; log the first failures."""
         report, secrets = self.report, self.table.secrets
-        tally = Counter((cell.column, cell.outcome, cell.key_id) for cell in cells)
+        tally: Counter[tuple[int, str, str | None]] = Counter()
+        for cell in cells:
+            tally[cell.column, cell.outcome, cell.key_id] += cell.count
         for (column, outcome, key_id), count in tally.items():
             counts = report.column(secrets[column])
             setattr(counts, outcome, getattr(counts, outcome) + count)
