@@ -39,6 +39,17 @@ SKIPPED = {
     "bash scripts/test": "it is the test suite that runs this test",
     "uv add ../tenantstore": "adds tenantstore to another project",
     'uv add "tenantstore @ git+https://git.example.com/you/tenantstore"': "a placeholder URL",
+    **{
+        f"python3 -m uv run python benchmarks/{script}": "minutes of machine time; "
+        "tests/test_benchmarks.py runs every script at a toy size"
+        for script in (
+            "get_tenant.py --repeat 3",
+            "keys.py --repeat 3",
+            "pgbouncer.py --repeat 3",
+            "audit.py --repeat 3",
+            "migrate.py",
+        )
+    },
 }
 
 
