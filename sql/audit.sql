@@ -83,3 +83,7 @@ SELECT count(*) FROM tenantstore_audit WHERE at < $1;
 -- Delete the events older than $1 (and the sessions ended before it) through
 -- the one path the append-only guard lets through; returns how many events.
 SELECT tenantstore_audit_prune($1);
+
+-- name: audit_table_exists
+-- Whether tenantstore_audit exists on the search path (migration 0006 applied).
+SELECT to_regclass('tenantstore_audit') IS NOT NULL;

@@ -30,7 +30,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from itertools import islice
-from typing import Literal
+from typing import Any, Literal
 
 import asyncpg
 from opentelemetry.metrics import MeterProvider
@@ -38,9 +38,9 @@ from opentelemetry.metrics import MeterProvider
 from ..errors import ConfigurationError, TenantStoreError, describe_driver_error
 from . import AuditEvent
 from ._figures import DropLog, figures_for
-from ._session import Session
+from ._session import SQL, Session
 
-__all__ = ["AuditWriterError", "PostgresSink"]
+__all__ = ["AuditWriterError", "PostgresSink", "audit_table_exists"]
 
 logger = logging.getLogger("tenantstore")
 
@@ -61,6 +61,11 @@ _RETRIED = (
 _REFUSED = (asyncpg.DataError, asyncpg.exceptions._base.DataError, UnicodeError)
 _FIRST_DELAY, _MAX_DELAY = 0.05, 5.0
 _CLOSE_SESSION_TIMEOUT = 2.0
+
+
+async def audit_table_exists(conn: Any) -> bool:
+    """Whether `tenantstore_audit` exists (migration 0006 is applied); `conn` or a pool."""
+    return bool(await conn.fetchval(SQL["audit_table_exists"]))
 
 
 class AuditWriterError(TenantStoreError):

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 
 from .._cli import run_command
 from ..audit import AuditLog, audit_actor
-from ..audit.pg import PostgresSink
+from ..audit.pg import PostgresSink, audit_table_exists
 from ..db import create_pool, embedded_database_url, resolve_database_url
 from ..encryption import KeyRing
 from ..errors import ConfigurationError, EncryptionKeyMissingError
@@ -139,8 +139,7 @@ async def _write(
     try:
         # An operator's change is what an audit log is for: into tenantstore_audit when
         # migration 0006 made it, else the `tenantstore.audit` logger.
-        has_table = await pool.fetchval("SELECT to_regclass('tenantstore_audit') IS NOT NULL")
-        audit = AuditLog(PostgresSink(pool)) if has_table else AuditLog()
+        audit = AuditLog(PostgresSink(pool)) if await audit_table_exists(pool) else AuditLog()
         try:
             with audit_actor(_actor()):
                 return await set_secret(
